@@ -1,0 +1,36 @@
+# Two commands matter: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo
+CORES ?= 2
+
+.PHONY: venv demo test lint clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/python -m pipeline.synthetic $(DEMO_DIR)/slides --n 8 --seed 0
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --cores $(CORES) --configfile config.yaml \
+	  --config slides_dir=$(DEMO_DIR)/slides labels_csv=$(DEMO_DIR)/slides/labels.csv results_dir=$(DEMO_DIR)/results
+	@echo ""
+	@echo "Demo finished. Results are in $(DEMO_DIR)/results:"
+	@echo "  tissue QC      $(DEMO_DIR)/results/tissue/<slide>/thumbnail.png"
+	@echo "  feature bags   $(DEMO_DIR)/results/features/"
+	@echo "  MIL metrics    $(DEMO_DIR)/results/mil/"
+
+test: venv
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --lint --configfile config.yaml --config slides_dir=tests slides_glob='*.none'
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

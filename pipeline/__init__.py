@@ -1,0 +1,14 @@
+"""wsipipe: whole-slide images -> tissue -> patch grid -> Zarr feature bags -> MIL."""
+
+__version__ = "0.1.0"
+
+# Stage versions: bump one when a code change alters that stage's outputs. The Snakemake rules put
+# these in ``params:`` so that a bump reruns exactly that stage and everything downstream of it.
+STAGE_VERSIONS = {
+    "tissue": 1,
+    "grid": 1,
+    "features": 1,
+    "mil": 1,
+}
+
+__all__ = ["__version__", "STAGE_VERSIONS"]

@@ -1,0 +1,118 @@
+"""Stage entry points called by the Snakemake rules (and usable by hand).
+
+    python -m pipeline tissue   --slide PATH --out-dir DIR  [--settings JSON] [slide options]
+    python -m pipeline grid     --slide PATH --tissue-dir DIR --out FILE [--settings JSON] [slide options]
+    python -m pipeline features --slide PATH --grid FILE --out BAG [--settings JSON] [slide options]
+
+Slide options: --reader auto|openslide|tiffslide, --labels CSV (per-slide ``mpp`` column),
+--default-mpp M. A slide that cannot be used fails with one line naming the file and the reason
+(exit code 1); nothing already written is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .slide import Slide, SlideError, manifest_mpp, open_slide, read_manifest, slide_id_from_path
+
+
+def _settings(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        val = json.loads(text)
+    except ValueError as exc:
+        raise SystemExit(f"error: --settings is not valid JSON ({exc})") from exc
+    if not isinstance(val, dict):
+        raise SystemExit("error: --settings must be a JSON object")
+    return val
+
+
+def _open(args: argparse.Namespace) -> Slide:
+    rows = read_manifest(args.labels)
+    sid = slide_id_from_path(args.slide)
+    return open_slide(args.slide, reader=args.reader, mpp=manifest_mpp(rows, sid), default_mpp=args.default_mpp)
+
+
+def cmd_tissue(args: argparse.Namespace) -> None:
+    from .tissue import run_tissue
+
+    with _open(args) as slide:
+        res = run_tissue(slide, Path(args.out_dir), _settings(args.settings))
+    st = res.get("stats", {})
+    print(f"[tissue] {res['slide_id']}: tissue {st.get('tissue_area_mm2', 0):.2f} mm², "
+          f"mpp {res['slide']['level0_mpp']:.4g} ({res['slide']['mpp_source']})", file=sys.stderr)
+
+
+def cmd_grid(args: argparse.Namespace) -> None:
+    from .grid import run_grid
+
+    with _open(args) as slide:
+        g = run_grid(slide, Path(args.tissue_dir), Path(args.out), _settings(args.settings))
+    plan = g["read_plan"]
+    print(f"[grid] {g['slide_id']}: {g['n_patches']}/{g['n_candidates']} patches of {plan['patch_size_px']} px "
+          f"at {plan['effective_mpp']:.4g} µm/px (requested {plan['requested_mpp']}); level {plan['level']} "
+          f"read {plan['read_size_px']} px", file=sys.stderr)
+
+
+def cmd_features(args: argparse.Namespace) -> None:
+    from .features.extract import extract_slide
+    from .grid import load_grid
+
+    grid = load_grid(args.grid)
+    with _open(args) as slide:
+        grid_mpp = grid["read_plan"]["level0_mpp"]
+        if abs(grid_mpp - slide.mpp) > 1e-9 * max(1.0, grid_mpp):
+            raise SlideError(slide.path, f"level-0 mpp {slide.mpp} differs from the grid's {grid_mpp} "
+                                         f"({args.grid} is stale: rerun the grid stage)")
+        attrs = extract_slide(slide, grid, args.grid, Path(args.out), _settings(args.settings))
+    print(f"[features] {attrs['slide_id']}: bag with {len(grid['coords'])} patches written to {args.out}",
+          file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def slide_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--slide", required=True, help="slide file")
+        p.add_argument("--reader", default="auto", choices=["auto", "openslide", "tiffslide"])
+        p.add_argument("--labels", default=None, help="labels/manifest CSV (slide_id[,mpp])")
+        p.add_argument("--default-mpp", type=float, default=None,
+                       help="fallback level-0 µm/px for slides without metadata")
+        p.add_argument("--settings", default=None, help="the stage's settings as a JSON object")
+
+    p = sub.add_parser("tissue", help="tissue segmentation of one slide")
+    slide_opts(p)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(fn=cmd_tissue)
+    p = sub.add_parser("grid", help="patch grid of one slide")
+    slide_opts(p)
+    p.add_argument("--tissue-dir", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_grid)
+    p = sub.add_parser("features", help="feature extraction of one slide into a Zarr bag")
+    slide_opts(p)
+    p.add_argument("--grid", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_features)
+
+    args = ap.parse_args(argv)
+    try:
+        args.fn(args)
+    except SlideError as exc:
+        print(f"ERROR [{args.cmd}] {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # bad settings
+        print(f"ERROR [{args.cmd}] {args.slide}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+# Helpers shared by the rules: config validation, slide discovery, paths and stage params.
+
+import json
+import sys
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from pipeline import STAGE_VERSIONS
+from pipeline.features.extract import model_tag
+from pipeline.slide import SLIDE_EXTENSIONS, SlideError, discover_slides, read_manifest
+
+
+def _validate_config(cfg):
+    schema_path = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+    schema = yaml.safe_load(schema_path.read_text())
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(cfg), key=lambda e: list(e.path))
+    if errors:
+        lines = []
+        for e in errors:
+            where = ".".join(str(p) for p in e.path) or "(top level)"
+            lines.append(f"  config key {where}: {e.message}")
+        raise ValueError("invalid configuration (see workflow/schemas/config.schema.yaml):\n" + "\n".join(lines))
+
+
+_validate_config(config)
+
+RESULTS = config["results_dir"].rstrip("/")
+TAG = model_tag(config.get("features") or {})
+LABELS = config.get("labels_csv") or None
+
+try:
+    SLIDES = discover_slides(config["slides_dir"], tuple(config.get("extensions") or SLIDE_EXTENSIONS))
+    MANIFEST = read_manifest(LABELS)
+except SlideError as exc:
+    raise ValueError(f"cannot start: {exc}") from None
+
+if not SLIDES:
+    print(f"warning: no slide files found in {config['slides_dir']}", file=sys.stderr)
+
+MIL_SLIDES = sorted(s for s in SLIDES if s in MANIFEST) if LABELS else []
+if LABELS:
+    _missing = sorted(set(MANIFEST) - set(SLIDES))
+    if _missing:
+        print(f"warning: {len(_missing)} slide(s) in {LABELS} have no file in {config['slides_dir']}: "
+              f"{', '.join(_missing[:10])}{' ...' if len(_missing) > 10 else ''}", file=sys.stderr)
+
+
+wildcard_constraints:
+    slide="[^/]+",
+
+
+def slide_path(wildcards):
+    return str(SLIDES[wildcards.slide])
+
+
+def stage_settings(section):
+    """A stage's own config section, canonical JSON (the value Snakemake compares for reruns)."""
+    return json.dumps(config.get(section) or {}, sort_keys=True)
+
+
+def slide_args():
+    """Options every per-slide stage gets for opening the slide and resolving its mpp."""
+    args = f"--reader {config.get('reader', 'auto')}"
+    if LABELS:
+        args += f" --labels '{LABELS}'"
+    if config.get("default_mpp") is not None:
+        args += f" --default-mpp {config['default_mpp']}"
+    return args
+
+
+def labels_input():
+    return [LABELS] if LABELS else []
+
+
+def bag(slide):
+    return f"{RESULTS}/features/{TAG}/{slide}.zarr"
+
+
+def all_targets():
+    targets = []
+    for s in SLIDES:
+        targets += [f"{RESULTS}/tissue/{s}/tissue.json", f"{RESULTS}/grid/{s}.json", bag(s)]
+    if MIL_SLIDES:
+        m = config["mil"]["model"]
+        targets += [f"{RESULTS}/mil/{TAG}/{m}/metrics.json", f"{RESULTS}/mil/{TAG}/{m}/predictions_all.csv"]
+    return targets
