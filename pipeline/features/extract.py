@@ -187,6 +187,8 @@ def extract_slide(slide: Slide, grid: dict[str, Any], grid_path: str | os.PathLi
     elapsed = time.monotonic() - t0
     attrs = {
         "slide_id": slide.slide_id,
+        "n_patches": n,
+        "feature_dim": int(encoder.embed_dim),
         "model": encoder.name,
         "model_tag": model_tag(p),
         "weights": encoder.weights,

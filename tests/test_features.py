@@ -1,0 +1,143 @@
+"""Feature extraction: bag schema, determinism, resume after an interruption, encoder registry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.features import create_encoder, list_encoders
+from pipeline.features import extract as ex
+from pipeline.grid import make_grid
+from pipeline.provenance import sha256_file
+from pipeline.slide import open_slide
+from pipeline.store import partial_path, read_bag
+from pipeline.synthetic import make_slide
+
+TEST_MODEL = "test_resnet"  # small timm CNN, random weights
+
+SETTINGS = {"model": TEST_MODEL, "batch_size": 8, "chunk_rows": 8, "num_workers": 0, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def slide_and_grid(tmp_path_factory):
+    import json
+
+    d = tmp_path_factory.mktemp("feat")
+    path = make_slide(d / "s.svs", width=2048, height=1536, mpp=0.5, seed=7, flavour="svs",
+                      positive=True)["path"]
+    with open_slide(path) as s:
+        mask = np.ones((96, 128), bool)
+        grid = make_grid(s, mask, 16.0, {"patch_size": 128, "target_mpp": 1.0})
+    gpath = d / "grid.json"
+    gpath.write_text(json.dumps(grid))
+    return path, grid, gpath
+
+
+def _extract(path, grid, gpath, out, settings=SETTINGS):
+    with open_slide(path) as s:
+        return ex.extract_slide(s, grid, gpath, out, settings)
+
+
+def test_bag_schema_and_values(slide_and_grid, tmp_path):
+    path, grid, gpath = slide_and_grid
+    attrs = _extract(path, grid, gpath, tmp_path / "s.zarr")
+    bag = read_bag(tmp_path / "s.zarr")
+    n = len(grid["coords"])
+    assert n == 8 * 6 and bag.n == n
+    assert bag.features.dtype == np.float16 and bag.features.shape == (n, attrs["feature_dim"])
+    np.testing.assert_array_equal(bag.coords, np.asarray(grid["coords"]))
+    a = bag.attrs
+    assert a["model"] == TEST_MODEL and a["weights"] == "random"
+    assert a["target_mpp"] == 1.0 and a["patch_size_px"] == 128 and a["level0_mpp"] == 0.5
+    assert a["mpp_source"] == "openslide.mpp-x" and a["feature_dim"] == bag.features.shape[1]
+    assert np.isfinite(bag.features.astype(np.float32)).all()
+    assert bag.features.astype(np.float32).std(axis=0).mean() > 0  # patches differ
+    # target 1.0 on a 0.5 scan needs 2x: level 0 (ds 1) is read at 256 px and resized to 128
+    plan = a["provenance"]["read_plan"]
+    assert (plan["level"], plan["read_size_px"], plan["patch_size_level0_px"]) == (0, 256, 256)
+
+
+def test_same_inputs_bit_identical_and_resume_after_crash(slide_and_grid, tmp_path, monkeypatch):
+    path, grid, gpath = slide_and_grid
+    _extract(path, grid, gpath, tmp_path / "ref.zarr")
+    ref = read_bag(tmp_path / "ref.zarr").features
+
+    # Crash after the 3rd batch: nothing appears under the final name, the partial bag remains.
+    calls = {"n": 0}
+    real = ex.embed_batch
+
+    def crashing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ex, "embed_batch", crashing)
+    out = tmp_path / "run.zarr"
+    with pytest.raises(RuntimeError, match="simulated"):
+        _extract(path, grid, gpath, out)
+    assert not out.exists() and partial_path(out).is_dir()
+
+    # Resume: only the remaining batches are computed, and the result equals the uninterrupted run.
+    calls["n"] = -1000
+    attrs = _extract(path, grid, gpath, out)
+    assert attrs["provenance"]["resumed_from"] == 24
+    np.testing.assert_array_equal(read_bag(out).features, ref)
+    assert not partial_path(out).exists()
+
+
+def test_partial_from_other_settings_not_reused(slide_and_grid, tmp_path):
+    path, grid, gpath = slide_and_grid
+    out = tmp_path / "x.zarr"
+    _extract(path, grid, gpath, out)
+    other = dict(SETTINGS, seed=1)
+    attrs = _extract(path, grid, gpath, tmp_path / "y.zarr", other)
+    assert attrs["provenance"]["resumed_from"] == 0
+    assert not np.array_equal(read_bag(out).features, read_bag(tmp_path / "y.zarr").features)
+
+
+def test_empty_grid_gives_valid_empty_bag(slide_and_grid, tmp_path):
+    path, grid, gpath = slide_and_grid
+    empty = dict(grid, coords=[], tissue_fraction=[], n_patches=0)
+    _extract(path, empty, gpath, tmp_path / "e.zarr")
+    bag = read_bag(tmp_path / "e.zarr")
+    assert bag.n == 0 and bag.features.shape[1] == bag.attrs["feature_dim"] > 0
+
+
+def test_workers_give_same_features(slide_and_grid, tmp_path):
+    path, grid, gpath = slide_and_grid
+    _extract(path, grid, gpath, tmp_path / "a.zarr")
+    _extract(path, grid, gpath, tmp_path / "b.zarr", dict(SETTINGS, num_workers=2))
+    np.testing.assert_array_equal(read_bag(tmp_path / "a.zarr").features, read_bag(tmp_path / "b.zarr").features)
+
+
+def test_local_weights_file_sha256_recorded(slide_and_grid, tmp_path):
+    from safetensors.torch import save_file
+
+    enc = create_encoder(TEST_MODEL, seed=5)
+    wfile = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in enc.model.state_dict().items()}, str(wfile))
+    loaded = create_encoder(TEST_MODEL, weights=str(wfile), seed=99)
+    assert loaded.weights == {"source": "file:w.safetensors", "sha256": sha256_file(wfile)}
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(enc.embed(x), loaded.embed(x))
+
+
+def test_registry_presets_and_errors():
+    assert "resnet50_trunc" in list_encoders()
+    enc = create_encoder("resnet50_trunc")
+    with torch.inference_mode():
+        out = enc.embed(torch.rand(1, 3, 224, 224))
+    assert enc.embed_dim == 1024 and out.shape == (1, 1024)
+    with pytest.raises(ValueError, match="unknown encoder"):
+        create_encoder("definitely_not_a_model")
+    vit = create_encoder("test_vit", input_size=128)  # ViTs are rebuilt for the patch size, not resized
+    with torch.inference_mode():
+        assert vit.embed(torch.rand(1, 3, 128, 128)).shape == (1, vit.embed_dim)
+
+
+def test_unknown_setting_is_named():
+    with pytest.raises(ValueError, match="batchsize"):
+        ex.merge_params({"batchsize": 3})
