@@ -1,0 +1,168 @@
+"""The Snakemake workflow: dry run, config validation, an end-to-end run on synthetic slides, rerun
+behaviour read from Snakemake's own dry-run output, and broken inputs with --keep-going."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.store import list_bags, read_bag
+
+FAST = {
+    "features": {"model": "test_resnet", "batch_size": 16, "num_workers": 0, "device": "cpu"},
+    "mil": {"model": "abmil", "folds": 2, "epochs": 8, "patience": 4, "seed": 0},
+}
+
+
+def snakemake(root, env, *args, check=True, timeout=600):
+    cmd = ["snakemake", "--snakefile", str(root / "Snakefile"), "--directory", str(root), "--cores", "2", *args]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def write_config(path: Path, slides: Path, results: Path, labels: Path | None, extra: dict | None = None) -> Path:
+    import yaml
+
+    cfg = {"slides_dir": str(slides), "results_dir": str(results), "labels_csv": str(labels) if labels else None}
+    for k, v in FAST.items():
+        cfg[k] = dict(v)
+    for k, v in (extra or {}).items():
+        cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    return path
+
+
+def planned_jobs(proc) -> dict[str, int]:
+    """Job counts per rule from a dry run's 'Job stats' table (empty when nothing to do)."""
+    out = proc.stdout + proc.stderr
+    counts: dict[str, int] = {}
+    m = re.search(r"Job stats:\n(.*?)\n\s*total\s+\d+", out, re.S)
+    if not m:
+        return counts
+    for line in m.group(1).splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@pytest.fixture(scope="module")
+def run(cohort, root, env_with_venv, tmp_path_factory):
+    """One full run of the DAG on the synthetic cohort."""
+    work = tmp_path_factory.mktemp("wf")
+    results = work / "results"
+    cfg = write_config(work / "config.yaml", cohort, results, cohort / "labels.csv")
+    snakemake(root, env_with_venv, "--configfile", str(cfg))
+    return {"cfg": cfg, "results": results, "work": work}
+
+
+def test_dry_run_lists_every_stage(cohort, root, env_with_venv, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", cohort, tmp_path / "r", cohort / "labels.csv")
+    jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg)))
+    n = len(list(cohort.glob("slide_*")))
+    assert jobs == {"tissue": n, "grid": n, "features": n, "mil_train": 1, "mil_predict": 1, "all": 1}
+    # without labels: features only, no training
+    cfg = write_config(tmp_path / "c2.yaml", cohort, tmp_path / "r", None)
+    jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg)))
+    assert "mil_train" not in jobs and jobs["features"] == n
+
+
+def test_invalid_config_names_the_key(cohort, root, env_with_venv, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", cohort, tmp_path / "r", None, {"grid": {"patchsize": 256}})
+    proc = snakemake(root, env_with_venv, "-n", "--configfile", str(cfg), check=False)
+    assert proc.returncode != 0
+    assert "grid" in proc.stderr and "patchsize" in proc.stderr
+    cfg = write_config(tmp_path / "c.yaml", cohort, tmp_path / "r", None, {"grid": {"target_mpp": -1}})
+    proc = snakemake(root, env_with_venv, "-n", "--configfile", str(cfg), check=False)
+    assert proc.returncode != 0 and "grid.target_mpp" in proc.stderr
+
+
+def test_end_to_end_outputs(run, cohort):
+    results = run["results"]
+    slides = sorted(p.stem for p in cohort.glob("slide_*"))
+    for s in slides:
+        tdir = results / "tissue" / s
+        for f in ("mask.png", "thumbnail.png", "tissue.geojson", "tissue.json"):
+            assert (tdir / f).is_file(), f
+        assert json.loads((tdir / "tissue.geojson").read_text())["type"] == "FeatureCollection"
+        grid = json.loads((results / "grid" / f"{s}.json").read_text())
+        assert grid["read_plan"]["requested_mpp"] == 0.5 and grid["n_patches"] > 0
+    bags = list_bags(results / "features" / "test_resnet")
+    assert [b.stem for b in bags] == slides
+    for b in bags:
+        bag = read_bag(b)
+        assert bag.n == json.loads((results / "grid" / f"{b.stem}.json").read_text())["n_patches"]
+        assert bag.attrs["weights"] == "random" and bag.attrs["target_mpp"] == 0.5
+    mil = results / "mil" / "test_resnet" / "abmil"
+    metrics = json.loads((mil / "metrics.json").read_text())
+    assert len(metrics["folds"]) == 2 and set(metrics["mean"]) >= {"auc", "balanced_accuracy", "accuracy"}
+    with open(mil / "predictions.csv") as fh:
+        oof = list(csv.DictReader(fh))
+    assert sorted(r["slide_id"] for r in oof) == slides
+    with open(mil / "predictions_all.csv") as fh:
+        preds = list(csv.DictReader(fh))
+    assert sorted(r["slide_id"] for r in preds) == slides
+    assert all(0.0 <= float(r["prob"]) <= 1.0 for r in preds)
+    for s in slides:
+        with open(mil / "attention" / f"{s}.csv") as fh:
+            att = list(csv.DictReader(fh))
+        bag = read_bag(results / "features" / "test_resnet" / f"{s}.zarr")
+        assert np.array_equal(np.array([[int(r["x"]), int(r["y"])] for r in att]).reshape(-1, 2), bag.coords)
+    for stage in ("tissue", "grid"):
+        assert len(list((results / "logs" / stage).glob("*.log"))) == len(slides)
+
+
+def test_nothing_to_do_on_rerun(run, root, env_with_venv):
+    jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(run["cfg"])))
+    assert jobs == {}
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"tissue": {"seg_mpp": 16.0}}, {"tissue", "grid", "features", "mil_train", "mil_predict"}),
+    ({"grid": {"min_tissue_fraction": 0.5}}, {"grid", "features", "mil_train", "mil_predict"}),
+    ({"features": {"seed": 3}}, {"features", "mil_train", "mil_predict"}),
+    ({"mil": {"epochs": 9}}, {"mil_train", "mil_predict"}),
+])
+def test_rerun_scope_follows_the_changed_section(run, root, env_with_venv, change, expected):
+    import yaml
+
+    cfg = yaml.safe_load(run["cfg"].read_text())
+    for k, v in change.items():
+        cfg[k].update(v)
+    changed = run["work"] / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(changed)))
+    assert set(jobs) - {"all"} == expected, jobs
+
+
+def test_broken_and_blank_slides_with_keep_going(cohort, root, env_with_venv, tmp_path):
+    from pipeline.synthetic import make_blank_slide, make_slide
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(cohort / "slide_000.tif", slides / "good one.tif")
+    (slides / "empty.svs").write_bytes(b"")
+    (slides / "text.tif").write_text("not a slide\n")
+    make_slide(slides / "nompp.tif", width=1024, height=768, seed=2, flavour="tiff", write_mpp=False)
+    make_blank_slide(slides / "blank.tif", width=1024, height=768, mpp=0.5)
+    results = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.yaml", slides, results, None)
+    proc = snakemake(root, env_with_venv, "--configfile", str(cfg), "--keep-going", check=False)
+    assert proc.returncode != 0
+    bags = results / "features" / "test_resnet"
+    assert read_bag(bags / "good one.zarr").n > 0
+    assert read_bag(bags / "blank.zarr").n == 0  # no tissue: a valid empty bag, not an error
+    for name, reason in (("empty", "empty"), ("text", "cannot open"), ("nompp", "mpp")):
+        assert not (bags / f"{name}.zarr").exists()
+        log = (results / "logs" / "tissue" / f"{name}.log").read_text()
+        err = [line for line in log.splitlines() if line.startswith("ERROR")]
+        assert len(err) == 1 and str(slides / name) in err[0] and reason in err[0], log
