@@ -30,7 +30,7 @@ test: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: venv
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --lint --configfile config.yaml --config slides_dir=tests slides_glob='*.none'
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --lint --config slides_dir=tests results_dir=/tmp/wsipipe-lint
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -63,6 +63,10 @@ def cmd_features(args: argparse.Namespace) -> None:
     from .features.extract import extract_slide
     from .grid import load_grid
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
     grid = load_grid(args.grid)
     with _open(args) as slide:
         grid_mpp = grid["read_plan"]["level0_mpp"]
@@ -100,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     slide_opts(p)
     p.add_argument("--grid", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's)")
     p.set_defaults(fn=cmd_features)
 
     args = ap.parse_args(argv)

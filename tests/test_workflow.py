@@ -166,3 +166,8 @@ def test_broken_and_blank_slides_with_keep_going(cohort, root, env_with_venv, tm
         log = (results / "logs" / "tissue" / f"{name}.log").read_text()
         err = [line for line in log.splitlines() if line.startswith("ERROR")]
         assert len(err) == 1 and str(slides / name) in err[0] and reason in err[0], log
+
+
+def test_lint_is_clean(cohort, root, env_with_venv, tmp_path):
+    proc = snakemake(root, env_with_venv, "--lint", "--config", f"slides_dir={cohort}", f"results_dir={tmp_path}")
+    assert "good condition" in proc.stdout + proc.stderr

@@ -86,3 +86,12 @@ def all_targets():
         m = config["mil"]["model"]
         targets += [f"{RESULTS}/mil/{TAG}/{m}/metrics.json", f"{RESULTS}/mil/{TAG}/{m}/predictions_all.csv"]
     return targets
+
+
+def mil_args():
+    """Command-line options of `python -m pipeline.mil train` from the mil config section."""
+    m = config["mil"]
+    keys = {"folds": "--folds", "seed": "--seed", "epochs": "--epochs", "lr": "--lr",
+            "weight_decay": "--weight-decay", "patience": "--patience", "hidden_dim": "--hidden-dim",
+            "dropout": "--dropout", "val_fraction": "--val-fraction"}
+    return " ".join(f"{flag} {m[k]}" for k, flag in keys.items() if m.get(k) is not None)

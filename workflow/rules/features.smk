@@ -15,11 +15,11 @@ rule features:
         "../../envs/pipeline.yaml"
     log:
         f"{RESULTS}/logs/features/{TAG}/{{slide}}.log",
-    threads: 1 + int((config.get("features") or {}).get("num_workers", 2))
+    threads: 2 + int((config.get("features") or {}).get("num_workers", 2))
     resources:
         mem_mb=16000,
         runtime=240,
         gpu=int(config.get("gpus_per_feature_job", 1)),
     shell:
         "python -m pipeline features --slide {input.slide:q} --grid {input.grid:q} --out {output:q} "
-        "{params.slide_args} --settings {params.settings:q} > {log:q} 2>&1"
+        "--threads {threads} {params.slide_args} --settings {params.settings:q} > {log:q} 2>&1"

@@ -1,11 +1,3 @@
-def mil_args():
-    m = config["mil"]
-    keys = {"folds": "--folds", "seed": "--seed", "epochs": "--epochs", "lr": "--lr",
-            "weight_decay": "--weight-decay", "patience": "--patience", "hidden_dim": "--hidden-dim",
-            "dropout": "--dropout", "val_fraction": "--val-fraction"}
-    return " ".join(f"{flag} {m[k]}" for k, flag in keys.items() if m.get(k) is not None)
-
-
 rule mil_train:
     """k-fold cross-validated MIL training on the cached bags of the labelled slides."""
     input:
