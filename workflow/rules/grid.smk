@@ -19,5 +19,5 @@ rule grid:
         mem_mb=2000,
         runtime=15,
     shell:
-        "python -m pipeline grid --slide {input.slide:q} --tissue-dir $(dirname {input.tissue:q}) "
+        "python -m pipeline grid --slide {input.slide:q} --tissue-dir \"$(dirname {input.tissue:q})\" "
         "--out {output:q} {params.slide_args} --settings {params.settings:q} > {log:q} 2>&1"

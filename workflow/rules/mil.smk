@@ -21,7 +21,7 @@ rule mil_train:
         runtime=240,
     shell:
         "python -m pipeline.mil train --bags {input.bags:q} --labels {input.labels:q} "
-        "--model {wildcards.mil_model} --out $(dirname {output.metrics:q}) {params.args} > {log:q} 2>&1"
+        "--model {wildcards.mil_model} --out \"$(dirname {output.metrics:q})\" {params.args} > {log:q} 2>&1"
 
 
 rule mil_predict:
@@ -43,5 +43,5 @@ rule mil_predict:
         mem_mb=8000,
         runtime=60,
     shell:
-        "python -m pipeline.mil predict --model-dir $(dirname {input.model_config:q}) --bags {input.bags:q} "
+        "python -m pipeline.mil predict --model-dir \"$(dirname {input.model_config:q})\" --bags {input.bags:q} "
         "--out {output.predictions:q} --attention-dir {output.attention:q} > {log:q} 2>&1"

@@ -20,5 +20,5 @@ rule tissue:
         mem_mb=4000,
         runtime=30,
     shell:
-        "python -m pipeline tissue --slide {input.slide:q} --out-dir $(dirname {output.stats:q}) "
+        "python -m pipeline tissue --slide {input.slide:q} --out-dir \"$(dirname {output.stats:q})\" "
         "{params.slide_args} --settings {params.settings:q} > {log:q} 2>&1"
