@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/python -m pipeline.synthetic $(DEMO_DIR)/slides --n 8 --seed 0
+	$(BIN)/python -m pipeline.synthetic $(DEMO_DIR)/slides --n 10 --seed 0
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --cores $(CORES) --configfile config.yaml \
-	  --config slides_dir=$(DEMO_DIR)/slides labels_csv=$(DEMO_DIR)/slides/labels.csv results_dir=$(DEMO_DIR)/results
+	  --config slides_dir=$(DEMO_DIR)/slides labels_csv=$(DEMO_DIR)/slides/labels.csv results_dir=$(DEMO_DIR)/results \
+	  "mil={folds: 3}"
 	@echo ""
 	@echo "Demo finished. Results are in $(DEMO_DIR)/results:"
 	@echo "  tissue QC      $(DEMO_DIR)/results/tissue/<slide>/thumbnail.png"

@@ -106,15 +106,13 @@ def fingerprint(slide_path: str | os.PathLike, grid_path: str | os.PathLike, par
 class Progress:
     """Progress lines that read well in a terminal and in a log file (one line per update)."""
 
-    def __init__(self, slide_id: str, total: int, every_s: float = 10.0, stream=sys.stderr):
+    def __init__(self, slide_id: str, total: int, start: int = 0, every_s: float = 10.0, stream=sys.stderr):
         self.slide_id, self.total, self.every_s, self.stream = slide_id, total, every_s, stream
         self.t0 = self.last = time.monotonic()
-        self.done0: int | None = None
+        self.done0 = start  # rows done before this run (resume): not counted in the rate
 
     def update(self, done: int, force: bool = False) -> None:
         now = time.monotonic()
-        if self.done0 is None:
-            self.done0 = done
         if not force and now - self.last < self.every_s:
             return
         self.last = now
@@ -171,7 +169,7 @@ def extract_slide(slide: Slide, grid: dict[str, Any], grid_path: str | os.PathLi
             ds, batch_size=bs, shuffle=False, num_workers=workers, collate_fn=_collate,
             pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
             persistent_workers=False)
-        progress = Progress(slide.slide_id, n, stream=log)
+        progress = Progress(slide.slide_id, n, start=start, stream=log)
         row = start
         with torch.inference_mode():
             for batch in loader:

@@ -12,9 +12,28 @@ from pipeline.features.extract import model_tag
 from pipeline.slide import SLIDE_EXTENSIONS, SlideError, discover_slides, read_manifest
 
 
+def _coerce(cfg, schema):
+    """`--config 'grid={target_mpp: 1.0}'` arrives as strings inside sections: convert a string to the
+    number/boolean/null its schema expects (only where the schema does not allow a string)."""
+    if not isinstance(cfg, dict):
+        return
+    for key, value in cfg.items():
+        sub = (schema.get("properties") or {}).get(key) or {}
+        if isinstance(value, dict):
+            _coerce(value, sub)
+            continue
+        types = sub.get("type", [])
+        types = [types] if isinstance(types, str) else types
+        if isinstance(value, str) and types and "string" not in types:
+            parsed = yaml.safe_load(value)
+            if isinstance(parsed, (int, float, bool)) or parsed is None:
+                cfg[key] = parsed
+
+
 def _validate_config(cfg):
     schema_path = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
     schema = yaml.safe_load(schema_path.read_text())
+    _coerce(cfg, schema)
     errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(cfg), key=lambda e: list(e.path))
     if errors:
         lines = []
