@@ -1,0 +1,472 @@
+"""Named presets for the pathology foundation-model encoders, as data.
+
+Each row of :data:`PRESETS` says how to build one encoder with timm (architecture + kwargs), what it
+expects (native input size, normalisation), which tokens form the embedding (``pool``), the embedding
+width, the default autocast precision on CUDA, and where its weights live on the Hugging Face hub.
+Every preset registers through :func:`register_encoder`, so ``create_encoder(name, weights=...,
+pretrained=..., seed=...)`` builds it exactly like any other encoder.
+
+Weights, in order:
+
+* ``weights=PATH``: a local file (safetensors or torch checkpoint), converted where the preset needs it
+  (``phikon_v2`` ships Hugging Face ``transformers`` keys) and loaded strictly; recorded as
+  ``{"source": "file:NAME", "sha256": <sha256 of the file>}``;
+* ``pretrained=True``: the file is downloaded from the hub (``HF_TOKEN`` for gated repos, see
+  :mod:`pipeline.features.weights`) and loaded as above; recorded as ``{"source": "hf:REPO/FILE", ...}``;
+* neither: a seeded random init, recorded as ``"random"`` (tests and the demo only).
+
+When weights are loaded the architecture is first built on the meta device (no random init of a
+billion parameters, no second copy in memory) and the checkpoint tensors are assigned into it.
+``device="meta"`` builds the empty architecture only: shapes and a meta forward, for tests.
+
+See ``docs/encoders.md`` for the table, sources and what is uncertain.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, register_encoder, timm_encoder
+
+HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
+HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP (CONCH v1); kept for reference
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One encoder, as the model card describes it."""
+
+    name: str
+    arch: str  # timm architecture the kwargs apply to
+    kwargs: dict[str, Any]  # timm kwargs; "mlp_layer": "swiglu_packed" and "act_layer": "silu" are names
+    input_size: int  # native patch size in pixels (the model card's)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pool: str  # "cls" | "cls+mean" (CLS ++ mean of patch tokens, registers excluded) | "attn_pool"
+    embed_dim: int
+    precision: str  # autocast dtype on CUDA: bf16 | fp16 | fp32
+    hf_repo: str | None
+    hf_files: tuple[str, ...] = ()  # first existing file in the repo wins
+    convert: str | None = None  # key conversion applied to a checkpoint before loading
+    head: dict[str, Any] | None = None  # attn_pool head (CONCH): {"dim", "heads", "queries"}
+    licence: str = ""
+    gated: bool = False
+    builtin: bool = False  # registered elsewhere (encoders.py); listed here for docs and prefetch
+    notes: str = ""
+
+
+_SWIGLU = {"mlp_layer": "swiglu_packed", "act_layer": "silu"}
+
+PRESETS: dict[str, Preset] = {p.name: p for p in [
+    Preset(
+        name="resnet50_trunc", arch="resnet50.tv_in1k", kwargs={}, input_size=224,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, pool="layer3+avg", embed_dim=1024, precision="bf16",
+        hf_repo=None, licence="BSD-3-Clause (torchvision weights via timm)", builtin=True,
+        notes="ImageNet ResNet-50 truncated after layer 3 and average-pooled (the CLAM baseline).",
+    ),
+    Preset(
+        name="uni", arch="vit_large_patch16_224",
+        kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
+        input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, pool="cls", embed_dim=1024, precision="bf16",
+        hf_repo="MahmoodLab/UNI", hf_files=("pytorch_model.bin",),
+        licence="CC-BY-NC-ND-4.0; gated (manual approval, institutional e-mail)", gated=True,
+        notes="ViT-L/16, DINOv2-trained; embedding = CLS token after the final norm.",
+    ),
+    Preset(
+        name="uni2_h", arch="vit_giant_patch14_224",
+        kwargs={"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
+                "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "no_embed_class": True, "reg_tokens": 8,
+                "dynamic_img_size": True, **_SWIGLU},
+        input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, pool="cls", embed_dim=1536, precision="bf16",
+        hf_repo="MahmoodLab/UNI2-h", hf_files=("pytorch_model.bin",),
+        licence="CC-BY-NC-ND-4.0; gated (manual approval, institutional e-mail)", gated=True,
+        notes="ViT-H/14-style (depth 24, width 1536, 24 heads), SwiGLU, 8 register tokens; CLS token.",
+    ),
+    Preset(
+        name="conch_v1_5", arch="vit_large_patch16_224",
+        kwargs={"img_size": 448, "patch_size": 16, "init_values": 1e-5},
+        input_size=448, mean=IMAGENET_MEAN, std=IMAGENET_STD, pool="attn_pool", embed_dim=768,
+        precision="bf16", hf_repo="MahmoodLab/conchv1_5", hf_files=("pytorch_model_vision.bin",),
+        convert="conch_v1_5", head={"dim": 768, "heads": 8, "queries": 1},
+        licence="CC-BY-NC-ND-4.0; gated (manual approval, institutional e-mail)", gated=True,
+        notes="Vision tower of CONCH v1.5: ViT-L/16 trunk at 448 px -> contrastive attentional pooler "
+              "(1 learned query, 8 heads, 1024 -> 768) over all trunk tokens -> LayerNorm. The 768-d output "
+              "is taken before the image-text projection (the patch feature TITAN consumes).",
+    ),
+    Preset(
+        name="virchow2", arch="vit_huge_patch14_224",
+        kwargs={"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "reg_tokens": 4,
+                "global_pool": "", "dynamic_img_size": True, **_SWIGLU},
+        input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, pool="cls+mean", embed_dim=2560,
+        precision="fp16", hf_repo="paige-ai/Virchow2", hf_files=("pytorch_model.bin", "model.safetensors"),
+        licence="CC-BY-NC-ND-4.0; gated", gated=True,
+        notes="ViT-H/14 (1280), SwiGLU, 4 register tokens; embedding = concat(CLS, mean of the 256 patch "
+              "tokens, registers excluded) = 2560, as on the model card.",
+    ),
+    Preset(
+        name="h_optimus_0", arch="vit_giant_patch14_reg4_dinov2",
+        kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
+        input_size=224, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, pool="cls", embed_dim=1536, precision="fp16",
+        hf_repo="bioptimus/H-optimus-0", hf_files=("pytorch_model.bin", "model.safetensors"),
+        licence="Apache-2.0; gated (automatic approval)", gated=True,
+        notes="ViT-g/14, 4 registers, SwiGLU (DINOv2 giant); CLS token.",
+    ),
+    Preset(
+        name="h_optimus_1", arch="vit_giant_patch14_reg4_dinov2",
+        kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
+        input_size=224, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, pool="cls", embed_dim=1536, precision="fp16",
+        hf_repo="bioptimus/H-optimus-1", hf_files=("pytorch_model.bin", "model.safetensors"),
+        licence="non-commercial / academic research licence; gated (manual approval)", gated=True,
+        notes="Same architecture as H-optimus-0, trained on >1M slides; CLS token.",
+    ),
+    Preset(
+        name="phikon_v2", arch="vit_large_patch16_224",
+        kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5},
+        input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, pool="cls", embed_dim=1024, precision="bf16",
+        hf_repo="owkin/phikon-v2", hf_files=("model.safetensors",), convert="hf_dinov2",
+        licence="Owkin non-commercial licence; not gated", gated=False,
+        notes="ViT-L/16 DINOv2 published in transformers format (Dinov2Model); rebuilt as a timm ViT and the "
+              "keys converted at load. Embedding = last_hidden_state[:, 0] (CLS after the final LayerNorm).",
+    ),
+    Preset(
+        name="prov_gigapath", arch="vit_giant_patch14_dinov2",
+        kwargs={"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40,
+                "num_heads": 24, "init_values": 1e-5, "mlp_ratio": 5.33334},
+        input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, pool="cls", embed_dim=1536, precision="fp16",
+        hf_repo="prov-gigapath/prov-gigapath", hf_files=("pytorch_model.bin",),
+        licence="prov-gigapath model licence (research use); gated (accept conditions)", gated=True,
+        notes="Tile encoder: DINOv2 ViT-g with patch 16 (SwiGLU, no registers); CLS token.",
+    ),
+    Preset(
+        name="h0_mini", arch="vit_base_patch14_reg4_dinov2",
+        kwargs={"img_size": 224, "init_values": 1e-5, "mlp_ratio": 2.66667 * 2, **_SWIGLU},
+        input_size=224, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, pool="cls+mean", embed_dim=1536,
+        precision="fp16", hf_repo="bioptimus/H0-mini", hf_files=("pytorch_model.bin", "model.safetensors"),
+        licence="CC-BY-NC-ND-4.0; gated (manual approval)", gated=True,
+        notes="ViT-B/14 distilled from H-optimus-0, 4 registers, SwiGLU; embedding = concat(CLS, mean of "
+              "patch tokens) = 1536, the combined feature of the model card (CLS alone would be 768).",
+    ),
+]}
+
+
+# -- token pooling ---------------------------------------------------------------------------------------
+
+def pool_cls(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """CLS token of the final (normalised) token sequence: (B, D)."""
+    return model.forward_features(x)[:, 0]
+
+
+def pool_cls_mean(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """concat(CLS, mean of the patch tokens) with register tokens excluded: (B, 2D)."""
+    tokens = model.forward_features(x)
+    return torch.cat([tokens[:, 0], tokens[:, model.num_prefix_tokens:].mean(dim=1)], dim=-1)
+
+
+def pool_module(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's own forward returns the embedding (towers with a pooling head)."""
+    return model(x)
+
+
+POOLS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+    "cls": pool_cls, "cls+mean": pool_cls_mean, "attn_pool": pool_module,
+}
+_POOL_WIDTH = {"cls": 1, "cls+mean": 2}
+
+
+class AttentionalPooler(nn.Module):
+    """Cross-attention pooling (CoCa style): ``queries`` learned vectors attend over the trunk tokens.
+
+    Parameter names follow the CONCH checkpoints (``query``, ``ln_q``, ``ln_k``, ``to_q``, ``to_kv``,
+    ``to_out``); projections have no bias.
+    """
+
+    def __init__(self, dim: int, context_dim: int, heads: int = 8, queries: int = 1):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"pooler width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.query = nn.Parameter(torch.randn(queries, dim))
+        self.ln_q = nn.LayerNorm(dim)
+        self.ln_k = nn.LayerNorm(context_dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (B, N, context_dim) -> (B, queries, dim)."""
+        b = x.shape[0]
+        q = self.to_q(self.ln_q(self.query)).unsqueeze(0).expand(b, -1, -1)
+        k, v = self.to_kv(self.ln_k(x)).chunk(2, dim=-1)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+        return self.to_out(out.transpose(1, 2).reshape(b, q.shape[1], -1))
+
+
+class AttnPoolTower(nn.Module):
+    """A timm ViT trunk whose tokens (CLS included, after the final norm) go through an attentional pooler
+    and a LayerNorm: the CONCH image tower without its image-text projection."""
+
+    def __init__(self, trunk: nn.Module, dim: int, heads: int = 8, queries: int = 1):
+        super().__init__()
+        self.trunk = trunk
+        self.attn_pool_contrast = AttentionalPooler(dim, int(trunk.num_features), heads=heads, queries=queries)
+        self.ln_contrast = nn.LayerNorm(dim)
+        self.num_features = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_contrast(self.attn_pool_contrast(self.trunk.forward_features(x))[:, 0])
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file or a torch checkpoint (``state_dict``/``model``/``teacher``
+    wrappers unwrapped, ``module.``/``backbone.`` prefixes removed). The format is sniffed, not taken
+    from the suffix (hub cache blobs have none)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file does not exist")
+    with open(path, "rb") as fh:
+        head = fh.read(10)
+    is_zip_or_pickle = head[:2] == b"PK" or head[:1] == b"\x80"
+    if path.suffix == ".safetensors" or (not is_zip_or_pickle and len(head) >= 9 and head[8:9] == b"{"):
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "teacher"):
+            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: not a state dict")
+    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
+
+
+def _resample_pos_embed(sd: dict[str, torch.Tensor], key: str, vit: nn.Module) -> None:
+    """Resample a checkpoint's absolute position table to the model's patch grid (bicubic), in place."""
+    if key not in sd or not hasattr(vit, "pos_embed") or vit.pos_embed is None:
+        return
+    have, want = sd[key], vit.pos_embed
+    if tuple(have.shape) == tuple(want.shape):
+        return
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(vit, "no_embed_class", False) else int(getattr(vit, "num_prefix_tokens", 1))
+    side = math.isqrt(have.shape[1] - prefix)
+    if side * side != have.shape[1] - prefix or have.shape[-1] != want.shape[-1]:
+        raise ValueError(f"position table {key} {tuple(have.shape)} cannot be resampled to {tuple(want.shape)}")
+    sd[key] = resample_abs_pos_embed(have.float(), new_size=list(vit.patch_embed.grid_size),
+                                     old_size=[side, side], num_prefix_tokens=prefix)
+
+
+def convert_hf_dinov2(sd: dict[str, torch.Tensor], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Hugging Face ``transformers`` Dinov2Model keys -> timm VisionTransformer keys.
+
+    q/k/v projections are concatenated into ``qkv`` (in that order), ``layer_scale{1,2}.lambda1`` become
+    ``ls{1,2}.gamma``, ``mask_token`` (training only) is dropped, a ``dinov2.`` prefix and ``classifier.*``
+    (Dinov2ForImageClassification) are removed. The position table is resampled to ``model``'s grid
+    when given. Keys that are not recognised are passed through, so strict loading reports them.
+    """
+    sd = {k.removeprefix("dinov2."): v for k, v in sd.items() if not k.startswith("classifier.")}
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    simple = {
+        "embeddings.cls_token": "cls_token",
+        "embeddings.position_embeddings": "pos_embed",
+        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+        "layernorm.weight": "norm.weight",
+        "layernorm.bias": "norm.bias",
+    }
+    block = {
+        "norm1": "norm1", "norm2": "norm2", "attention.output.dense": "attn.proj",
+        "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+        "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+    }
+    for k, v in sd.items():
+        if k == "embeddings.mask_token":
+            continue
+        if k in simple:
+            out[simple[k]] = v
+            continue
+        if k.startswith("encoder.layer."):
+            i, rest = k[len("encoder.layer."):].split(".", 1)
+            if rest.startswith("attention.attention."):
+                which, kind = rest[len("attention.attention."):].split(".", 1)  # query|key|value, weight|bias
+                if which in ("query", "key", "value"):
+                    qkv.setdefault((i, kind), {})[which] = v
+                    continue
+            for src, dst in block.items():
+                if rest == src or rest.startswith(src + "."):
+                    out[f"blocks.{i}.{dst}{rest[len(src):]}"] = v
+                    break
+            else:
+                out[k] = v
+            continue
+        out[k] = v
+    for (i, kind), parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise ValueError(f"layer {i}: incomplete attention {kind} (have {sorted(parts)})")
+        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    if model is not None:
+        _resample_pos_embed(out, "pos_embed", model)
+    return out
+
+
+def convert_conch_v1_5(sd: dict[str, torch.Tensor], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """CONCH v1.5 vision checkpoint: keep the trunk, the contrastive pooler and its LayerNorm (drop the
+    captioning pooler and projections if present), resample the trunk position table to the model grid."""
+    drop = ("attn_pool_caption.", "ln_caption.", "proj_contrast", "head.", "text.", "logit_scale")
+    out = {k: v for k, v in sd.items() if not k.startswith(drop)}
+    if model is not None and hasattr(model, "trunk"):
+        _resample_pos_embed(out, "trunk.pos_embed", model.trunk)
+    return out
+
+
+def _convert_timm(sd: dict[str, torch.Tensor], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    head = ("fc.", "head.", "classifier.", "head_dist.")
+    out = {k: v for k, v in sd.items() if not k.startswith(head)}
+    if model is not None:
+        _resample_pos_embed(out, "pos_embed", model)
+    return out
+
+
+CONVERTERS: dict[str | None, Callable[..., dict[str, torch.Tensor]]] = {
+    None: _convert_timm, "hf_dinov2": convert_hf_dinov2, "conch_v1_5": convert_conch_v1_5,
+}
+
+
+def load_preset_weights(model: nn.Module, path: str | os.PathLike, preset: Preset) -> dict[str, Any]:
+    """Convert and load ``path`` into ``model`` strictly (``model`` may live on the meta device: the
+    checkpoint tensors are assigned). Returns ``{"source": "file:NAME", "sha256": ...}``."""
+    from ..provenance import sha256_file
+
+    path = Path(path)
+    sd = CONVERTERS[preset.convert](read_state_dict(path), model)
+    target = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for k, v in list(sd.items()):
+        if k in target and v.is_floating_point() and v.dtype != target[k].dtype:
+            sd[k] = v.to(target[k].dtype)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ValueError(f"{path}: weights do not match the {preset.name} architecture "
+                         f"({' '.join(s.strip() for s in first[1:3]) or first[0]})") from exc
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the {preset.name} architecture "
+                         f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise ValueError(f"{path}: {preset.name} tensors left uninitialised after loading: {empty[:5]}")
+    return {"source": f"file:{path.name}", "sha256": sha256_file(path)}
+
+
+# -- building --------------------------------------------------------------------------------------------
+
+def _timm_kwargs(preset: Preset, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    from timm.layers import SwiGLUPacked
+
+    kw = {**preset.kwargs, **(overrides or {})}
+    if kw.get("mlp_layer") == "swiglu_packed":
+        kw["mlp_layer"] = SwiGLUPacked
+    if kw.get("act_layer") == "silu":
+        kw["act_layer"] = nn.SiLU
+    return kw
+
+
+def build_preset(name: str, weights: str | os.PathLike | None = None, pretrained: bool = False, seed: int = 0,
+                 input_size: int | None = None, device: str | torch.device | None = None,
+                 overrides: dict[str, Any] | None = None, precision: str | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> Encoder:
+    """Build the preset ``name`` as an :class:`Encoder`.
+
+    ``input_size``: the patch size extraction feeds (default: the card's). Patches are never resized; a
+    ViT run at another size interpolates its position table on the fly (``dynamic_img_size``), which
+    the model was not trained for, so a warning is issued.
+    ``device="meta"``: the architecture without storage (shape checks); cannot be combined with weights.
+    ``overrides``: timm kwargs replacing the card's (small test configs, variants); ``pool_dim`` and
+    ``pool_heads`` size the attentional pooler. With overrides ``embed_dim`` follows the built model.
+    ``cache_dir``: hub cache for ``pretrained=True`` (default: the Hugging Face cache).
+    """
+    preset = PRESETS[name]
+    if weights and pretrained:
+        raise ValueError("set either features.weights (local file) or features.pretrained, not both")
+    meta = device is not None and torch.device(device).type == "meta"
+    if meta and (weights or pretrained):
+        raise ValueError(f"{name}: device='meta' builds an empty architecture and cannot load weights")
+    overrides = dict(overrides or {})
+    head = {**(preset.head or {})}
+    head["dim"] = overrides.pop("pool_dim", head.get("dim"))
+    head["heads"] = overrides.pop("pool_heads", head.get("heads"))
+    kw = _timm_kwargs(preset, overrides)
+    size = int(input_size or preset.input_size)
+    if size != preset.input_size:
+        warnings.warn(f"{name}: running at {size} px instead of the native {preset.input_size} px "
+                      "(position embeddings interpolated on the fly)", stacklevel=2)
+        kw["dynamic_img_size"] = True
+
+    source = None
+    if pretrained:
+        from .weights import download_weights
+
+        path, repo, file = download_weights(name, cache_dir=cache_dir)
+        weights, source = path, f"hf:{repo}/{file}"
+    build_device = torch.device("meta") if (meta or weights) else torch.device(device or "cpu")
+    with build_device:
+        enc = timm_encoder(name, arch=preset.arch, seed=seed, model_kwargs=kw, input_size=size,
+                           mean=preset.mean, std=preset.std, precision=precision or preset.precision,
+                           pool=POOLS[preset.pool])
+        if preset.pool == "attn_pool":
+            enc.model = AttnPoolTower(enc.model, dim=int(head["dim"]), heads=int(head["heads"]),
+                                      queries=int(head.get("queries") or 1))
+    vit = getattr(enc.model, "trunk", enc.model)
+    patch = getattr(getattr(vit, "patch_embed", None), "patch_size", None)
+    if patch is not None and size % int(patch[0]):
+        raise ValueError(f"{name}: patches of {size} px are not a multiple of the ViT patch size {patch[0]}; "
+                         f"use the native {preset.input_size} px (or another multiple of {patch[0]})")
+    width = int(enc.model.num_features) * _POOL_WIDTH.get(preset.pool, 1)
+    if not overrides and width != preset.embed_dim:
+        raise AssertionError(f"preset {name}: built width {width} != table embed_dim {preset.embed_dim}")
+    enc.embed_dim = width
+    if weights:
+        info = load_preset_weights(enc.model, weights, preset)
+        if source:
+            info = {"source": source, "sha256": info["sha256"]}
+        enc.weights = info
+        if device is not None:
+            enc.model.to(device)
+    enc.model.eval()
+    return enc
+
+
+def _register(name: str) -> None:
+    @register_encoder(name)
+    def _build(weights: str | None = None, pretrained: bool = False, seed: int = 0, **kw: Any) -> Encoder:
+        return build_preset(name, weights=weights, pretrained=pretrained, seed=seed, **kw)
+
+    _build.__name__ = _build.__qualname__ = f"preset_{name}"
+    _build.__doc__ = PRESETS[name].notes
+
+
+for _name, _preset in PRESETS.items():
+    if not _preset.builtin:
+        _register(_name)
