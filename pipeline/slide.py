@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,31 @@ def mpp_from_properties(props: dict[str, str]) -> tuple[float | None, str | None
     return None, None, notes
 
 
+_NATIVE_ARGB = sys.byteorder == "little"
+
+
+def _openslide_rgb(handle: Any, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+    """OpenSlide's premultiplied ARGB read into a numpy buffer and composited on white.
+
+    Premultiplied colour over white is ``C + (255 - A)`` per channel (never overflows since C <= A), so
+    fully opaque regions, the usual case, need only a channel reorder.
+    """
+    import ctypes
+
+    from openslide import lowlevel
+
+    if w <= 0 or h <= 0:
+        return np.zeros((max(h, 0), max(w, 0), 3), np.uint8)
+    buf = np.empty((h, w), dtype=np.uint32)
+    lowlevel._read_region(handle._osr, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), x, y, level, w, h)
+    bgra = buf.view(np.uint8).reshape(h, w, 4)  # little-endian 0xAARRGGBB -> bytes B, G, R, A
+    alpha = bgra[..., 3]
+    rgb = bgra[..., 2::-1]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    return rgb + (255 - alpha)[..., None]
+
+
 @dataclass
 class Slide:
     """An open whole-slide image. Use as a context manager or call :meth:`close`."""
@@ -98,6 +124,7 @@ class Slide:
     mpp_source: str
     _handle: Any = field(repr=False)
     slide_id: str = ""
+    _tiles: Any = field(default=None, repr=False)  # TiledJpegReader, False (not applicable) or None (unknown)
 
     def __post_init__(self) -> None:
         self.slide_id = self.slide_id or slide_id_from_path(self.path)
@@ -145,22 +172,54 @@ class Slide:
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         """RGB uint8 array (height, width, 3) of a region whose top-left is level-0 (x, y).
 
-        Transparent pixels (outside the scanned area) become white, as on glass.
+        Transparent pixels (outside the scanned area) become white, as on glass. With OpenSlide the
+        pixels are decoded straight into a numpy buffer (no PIL image in between).
         """
         try:
-            img = self._handle.read_region((int(x), int(y)), int(level), (int(width), int(height)))
+            if self.reader == "openslide" and _NATIVE_ARGB:
+                return _openslide_rgb(self._handle, int(x), int(y), int(level), int(width), int(height))
+            if self.reader == "tiffslide":
+                arr = self._handle.read_region((int(x), int(y)), int(level), (int(width), int(height)),
+                                               as_array=True)
+            else:
+                arr = np.asarray(self._handle.read_region((int(x), int(y)), int(level), (int(width), int(height))))
         except Exception as exc:  # noqa: BLE001 - any reader failure is a slide failure
             raise SlideError(self.path, f"cannot read region x={x} y={y} level={level} "
                                         f"size={width}x{height}: {exc}") from exc
-        arr = np.asarray(img)
         if arr.ndim == 3 and arr.shape[2] == 4:
             rgb = arr[..., :3].astype(np.uint16)
             alpha = arr[..., 3:4].astype(np.uint16)
-            # OpenSlide returns premultiplied-free RGBA with alpha 0 outside the scan: composite on white.
+            # Straight (non-premultiplied) RGBA: composite on white.
             arr = ((rgb * alpha + 255 * (255 - alpha)) // 255).astype(np.uint8)
         elif arr.ndim == 2:
             arr = np.repeat(arr[..., None], 3, axis=2)
         return np.ascontiguousarray(arr[..., :3], dtype=np.uint8)
+
+    def read_level_region(self, level: int, lx: int, ly: int, width: int, height: int) -> np.ndarray:
+        """Like :meth:`read_region` but with the top-left in pixels of ``level`` itself. Uses the direct
+        tiled-JPEG decoder (:mod:`pipeline.tiles`) when the file allows it, the slide library otherwise."""
+        tiles = self._direct()
+        if tiles and tiles.supports(level):
+            try:
+                return tiles.read(level, int(lx), int(ly), int(width), int(height))
+            except Exception as exc:  # noqa: BLE001
+                raise SlideError(self.path, f"cannot decode level {level} region x={lx} y={ly} "
+                                            f"size={width}x{height}: {exc}") from exc
+        ds = self.level_downsamples[level]
+        return self.read_region(round(lx * ds), round(ly * ds), level, width, height)
+
+    def _direct(self) -> Any:
+        """The direct tiled-JPEG reader for this file, or False when it does not apply (opened lazily)."""
+        if self._tiles is None:
+            from .tiles import open_tiled_jpeg
+
+            self._tiles = open_tiled_jpeg(self.path, self.level_dimensions) or False
+        return self._tiles
+
+    def decoder(self, level: int) -> str:
+        """Which decoder :meth:`read_level_region` uses for ``level`` (recorded in provenance)."""
+        tiles = self._direct()
+        return "tiled-jpeg-direct" if tiles and tiles.supports(level) else self.reader
 
     def read_level(self, level: int) -> np.ndarray:
         """The whole of one pyramid level as RGB uint8 (use on low-resolution levels only)."""
@@ -185,6 +244,8 @@ class Slide:
         return img, W / tw
 
     def close(self) -> None:
+        if self._tiles:
+            self._tiles.close()
         try:
             self._handle.close()
         except Exception:  # noqa: BLE001

@@ -65,34 +65,61 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-class PatchReader(torch.utils.data.Dataset):
-    """Reads patch ``i`` of a grid as a (patch_size, patch_size, 3) uint8 array (one slide handle per
-    worker process, opened lazily)."""
+def plan_runs(coords: np.ndarray, size0: int, max_run: int = 16, boundaries: int = 0) -> list[tuple[int, int]]:
+    """Split grid rows into runs of horizontally adjacent patches (same y, x increasing by at most the
+    patch size) that are read with one ``read_region`` call. Runs never cross a multiple of
+    ``boundaries`` (the chunk size), so a resumed extraction reads exactly the same runs."""
+    runs: list[tuple[int, int]] = []
+    n = int(coords.shape[0])
+    i = 0
+    while i < n:
+        j = i + 1
+        while (j < n and j - i < max_run and coords[j, 1] == coords[i, 1]
+               and 0 < coords[j, 0] - coords[j - 1, 0] <= size0 and not (boundaries and j % boundaries == 0)):
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs
 
-    def __init__(self, slide_path: str, reader: str, mpp: float, coords: np.ndarray, plan: dict[str, Any]):
+
+class RunReader(torch.utils.data.Dataset):
+    """Item ``k`` = run ``k`` of patches as one uint8 tensor (n, P, P, 3), read with a single
+    ``read_region`` per run in a worker process (one slide handle per worker, opened lazily) and handed
+    to the main process through shared memory, not pickled per patch.
+
+    Each patch's pixels are ``level[round(y/ds):+r, round(x/ds):+r]`` resized to P x P, whatever run it
+    falls in: regions start on the level's own pixel grid, so grouping never shifts a patch.
+    """
+
+    def __init__(self, slide_path: str, reader: str, mpp: float, coords: np.ndarray, plan: dict[str, Any],
+                 runs: list[tuple[int, int]]):
         self.slide_path, self.reader, self.mpp = slide_path, reader, mpp
         self.coords = np.asarray(coords, dtype=np.int64)
-        self.plan = plan
+        self.plan, self.runs = plan, runs
         self._slide: Slide | None = None
 
     def __len__(self) -> int:
-        return int(self.coords.shape[0])
+        return len(self.runs)
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def __getitem__(self, k: int) -> torch.Tensor:
         import cv2
 
         if self._slide is None:
             self._slide = open_slide(self.slide_path, reader=self.reader, mpp=self.mpp)
-        x, y = self.coords[i]
-        p, r = self.plan["patch_size_px"], self.plan["read_size_px"]
-        img = self._slide.read_region(int(x), int(y), self.plan["level"], r, r)
-        if r != p:
-            img = cv2.resize(img, (p, p), interpolation=cv2.INTER_AREA if r > p else cv2.INTER_LINEAR)
-        return img
-
-
-def _collate(items: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(items))
+        a, b = self.runs[k]
+        level, ds = int(self.plan["level"]), float(self.plan["level_downsample"])
+        p, r = int(self.plan["patch_size_px"]), int(self.plan["read_size_px"])
+        lx = np.rint(self.coords[a:b, 0] / ds).astype(np.int64)  # patch origins in level pixels
+        ly = int(np.rint(self.coords[a, 1] / ds))
+        x0 = int(lx[0])
+        width = int(lx[-1] - x0 + r)
+        region = self._slide.read_level_region(level, x0, ly, width, r)
+        out = np.empty((b - a, p, p, 3), dtype=np.uint8)
+        interp = cv2.INTER_AREA if r > p else cv2.INTER_LINEAR
+        for i, x in enumerate(lx - x0):
+            crop = region[:, x:x + r]
+            out[i] = crop if r == p else cv2.resize(crop, (p, p), interpolation=interp)
+        return torch.from_numpy(out)
 
 
 def fingerprint(slide_path: str | os.PathLike, grid_path: str | os.PathLike, params: dict[str, Any],
@@ -138,6 +165,136 @@ def embed_batch(encoder: Encoder, batch_u8: torch.Tensor, device: torch.device) 
     return out.float().cpu()
 
 
+class _SlideRun:
+    """One slide's extraction state: its partial bag and a reader already prefetching patches."""
+
+    def __init__(self, slide: Slide, grid: dict[str, Any], grid_path: str | os.PathLike, out_path: str | os.PathLike,
+                 p: dict[str, Any], encoder: Encoder, device: torch.device, log):
+        self.slide, self.p, self.encoder, self.device, self.log = slide, p, encoder, device, log
+        self.plan = grid["read_plan"]
+        self.coords = np.asarray(grid["coords"], dtype=np.int64).reshape(-1, 2)
+        self.n = int(self.coords.shape[0])
+        self.bs = int(p["batch_size"])
+        chunk_rows = self.bs * max(1, math.ceil(int(p["chunk_rows"]) / self.bs))
+        self.fp = fingerprint(slide.path, grid_path, p, encoder.weights)
+        self.writer = BagWriter(out_path, self.n, encoder.embed_dim, fingerprint=self.fp, chunk_rows=chunk_rows)
+        self.start = self.writer.rows_done  # a chunk boundary, hence a run boundary
+        if self.start:
+            print(f"[features] {slide.slide_id}: resuming at patch {self.start}/{self.n} from {self.writer.tmp}",
+                  file=log, flush=True)
+        runs = [r for r in plan_runs(self.coords, int(self.plan["patch_size_level0_px"]),
+                                     boundaries=chunk_rows) if r[0] >= self.start]
+        workers = int(p["num_workers"])
+        loader = torch.utils.data.DataLoader(
+            RunReader(str(slide.path), slide.reader, slide.mpp, self.coords, self.plan, runs),
+            batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
+            prefetch_factor=4 if workers > 0 else None)
+        self.t0 = time.monotonic()
+        self.blocks = iter(loader)  # worker processes start reading now
+
+    def run(self) -> dict[str, Any]:
+        plan, slide, enc = self.plan, self.slide, self.encoder
+        progress = Progress(slide.slide_id, self.n, start=self.start, stream=self.log)
+        row, pending, n_pending = self.start, [], 0
+
+        def flush(k: int) -> None:
+            nonlocal row, pending, n_pending
+            batch = torch.cat(pending) if len(pending) > 1 else pending[0]
+            take, rest = batch[:k], batch[k:]
+            feats = embed_batch(enc, take, self.device)
+            if not torch.isfinite(feats).all():
+                raise RuntimeError(f"{slide.path}: encoder produced non-finite features at rows {row}..")
+            self.writer.write(row, feats.numpy(), self.coords[row:row + k])
+            row += k
+            pending, n_pending = ([rest] if rest.shape[0] else []), int(rest.shape[0])
+            progress.update(row)
+
+        with torch.inference_mode():
+            for block in self.blocks:
+                pending.append(block)
+                n_pending += int(block.shape[0])
+                while n_pending >= self.bs:
+                    flush(self.bs)
+            if n_pending:
+                flush(n_pending)
+        if row != self.n:
+            raise SlideError(slide.path, f"read {row - self.start} patches, expected {self.n - self.start}")
+        if self.n > self.start:
+            progress.update(row, force=True)
+        attrs = {
+            "slide_id": slide.slide_id,
+            "n_patches": self.n,
+            "feature_dim": int(enc.embed_dim),
+            "model": enc.name,
+            "model_tag": model_tag(self.p),
+            "weights": enc.weights,
+            "target_mpp": float(plan["requested_mpp"]),
+            "effective_mpp": float(plan["effective_mpp"]),
+            "patch_size_px": int(plan["patch_size_px"]),
+            "patch_size_level0_px": int(plan["patch_size_level0_px"]),
+            "level0_mpp": float(slide.mpp),
+            "mpp_source": slide.mpp_source,
+            "schema_version": SCHEMA_VERSION,
+            "pipeline_version": __version__,
+            "provenance": provenance("features", self.p, slide=slide.info(), read_plan=plan, device=str(self.device),
+                                     decoder=slide.decoder(int(plan["level"])),
+                                     resumed_from=self.start, seconds=round(time.monotonic() - self.t0, 3),
+                                     fingerprint=self.fp),
+        }
+        self.writer.finalize(attrs)
+        return attrs
+
+
+def _load_encoder(p: dict[str, Any], patch_size: int, device: torch.device) -> Encoder:
+    enc = create_encoder(p["model"], weights=p["weights"], pretrained=p["pretrained"], seed=p["seed"],
+                         input_size=int(patch_size))
+    enc.model.to(device)
+    return enc
+
+
+def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, str | os.PathLike]],
+                   params: dict[str, Any] | None = None, encoder: Encoder | None = None,
+                   log=sys.stderr) -> list[dict[str, Any]]:
+    """Extract several slides with one model. ``jobs``: (slide, grid, grid_path, out_path) tuples.
+
+    The next slide's reader workers start while the current slide is being encoded, so the device does
+    not wait on I/O between slides. A slide that fails is reported and the others still complete; the
+    first error is raised at the end.
+    """
+    p = merge_params(params)
+    device = resolve_device(str(p["device"]))
+    results: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+    if not jobs:
+        return results
+    if encoder is None:
+        encoder = _load_encoder(p, jobs[0][1]["read_plan"]["patch_size_px"], device)
+    encoder.model.to(device)
+
+    def prepare(job):
+        try:
+            return _SlideRun(*job, p, encoder, device, log)
+        except Exception as exc:  # noqa: BLE001 - reported per slide
+            errors.append(exc)
+            print(f"ERROR [features] {exc}", file=log, flush=True)
+            return None
+
+    nxt = prepare(jobs[0])
+    for i in range(len(jobs)):
+        cur = nxt
+        nxt = prepare(jobs[i + 1]) if i + 1 < len(jobs) else None
+        if cur is None:
+            continue
+        try:
+            results.append(cur.run())
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+            print(f"ERROR [features] {exc}", file=log, flush=True)
+    if errors:
+        raise errors[0]
+    return results
+
+
 def extract_slide(slide: Slide, grid: dict[str, Any], grid_path: str | os.PathLike, out_path: str | os.PathLike,
                   params: dict[str, Any] | None = None, encoder: Encoder | None = None,
                   log=sys.stderr) -> dict[str, Any]:
@@ -145,61 +302,4 @@ def extract_slide(slide: Slide, grid: dict[str, Any], grid_path: str | os.PathLi
 
     Resumes a partial bag left by an interrupted run when the inputs and settings are unchanged.
     """
-    p = merge_params(params)
-    plan = grid["read_plan"]
-    coords = np.asarray(grid["coords"], dtype=np.int64).reshape(-1, 2)
-    n = int(coords.shape[0])
-    device = resolve_device(str(p["device"]))
-    if encoder is None:
-        encoder = create_encoder(p["model"], weights=p["weights"], pretrained=p["pretrained"], seed=p["seed"],
-                                 input_size=int(plan["patch_size_px"]))
-    encoder.model.to(device)
-    bs = int(p["batch_size"])
-    chunk_rows = bs * max(1, math.ceil(int(p["chunk_rows"]) / bs))
-    fp = fingerprint(slide.path, grid_path, p, encoder.weights)
-    writer = BagWriter(out_path, n, encoder.embed_dim, fingerprint=fp, chunk_rows=chunk_rows)
-    start = writer.rows_done
-    if start:
-        print(f"[features] {slide.slide_id}: resuming at patch {start}/{n} from {writer.tmp}", file=log, flush=True)
-    t0 = time.monotonic()
-    if start < n:
-        ds = PatchReader(str(slide.path), slide.reader, slide.mpp, coords[start:], plan)
-        workers = int(p["num_workers"])
-        loader = torch.utils.data.DataLoader(
-            ds, batch_size=bs, shuffle=False, num_workers=workers, collate_fn=_collate,
-            pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
-            persistent_workers=False)
-        progress = Progress(slide.slide_id, n, start=start, stream=log)
-        row = start
-        with torch.inference_mode():
-            for batch in loader:
-                if tuple(batch.shape[1:3]) != (plan["patch_size_px"],) * 2:
-                    raise SlideError(slide.path, f"patch shape {tuple(batch.shape)} does not match the read plan")
-                feats = embed_batch(encoder, batch, device)
-                if not torch.isfinite(feats).all():
-                    raise RuntimeError(f"{slide.path}: encoder produced non-finite features at rows {row}..")
-                writer.write(row, feats.numpy(), coords[row:row + feats.shape[0]])
-                row += feats.shape[0]
-                progress.update(row)
-        progress.update(row, force=True)
-    elapsed = time.monotonic() - t0
-    attrs = {
-        "slide_id": slide.slide_id,
-        "n_patches": n,
-        "feature_dim": int(encoder.embed_dim),
-        "model": encoder.name,
-        "model_tag": model_tag(p),
-        "weights": encoder.weights,
-        "target_mpp": float(plan["requested_mpp"]),
-        "effective_mpp": float(plan["effective_mpp"]),
-        "patch_size_px": int(plan["patch_size_px"]),
-        "patch_size_level0_px": int(plan["patch_size_level0_px"]),
-        "level0_mpp": float(slide.mpp),
-        "mpp_source": slide.mpp_source,
-        "schema_version": SCHEMA_VERSION,
-        "pipeline_version": __version__,
-        "provenance": provenance("features", p, slide=slide.info(), read_plan=plan, device=str(device),
-                                 resumed_from=start, seconds=round(elapsed, 3), fingerprint=fp),
-    }
-    writer.finalize(attrs)
-    return attrs
+    return extract_slides([(slide, grid, grid_path, out_path)], params, encoder=encoder, log=log)[0]
