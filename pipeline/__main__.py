@@ -59,6 +59,17 @@ def cmd_grid(args: argparse.Namespace) -> None:
           f"read {plan['read_size_px']} px", file=sys.stderr)
 
 
+def _pinned(settings: dict[str, Any], lock_file: str) -> dict[str, Any]:
+    """Use the weights file pinned by ``prefetch_weights`` instead of contacting the hub."""
+    try:
+        rec = json.loads(Path(lock_file).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"unreadable weights lock {lock_file} ({exc})") from exc
+    if rec.get("path"):
+        return {**settings, "weights": rec["path"], "pretrained": False}
+    return settings  # no hub file (timm-hosted or random): the encoder resolves it as configured
+
+
 def cmd_features(args: argparse.Namespace) -> None:
     from .features.extract import extract_slide
     from .grid import load_grid
@@ -73,7 +84,10 @@ def cmd_features(args: argparse.Namespace) -> None:
         if abs(grid_mpp - slide.mpp) > 1e-9 * max(1.0, grid_mpp):
             raise SlideError(slide.path, f"level-0 mpp {slide.mpp} differs from the grid's {grid_mpp} "
                                          f"({args.grid} is stale: rerun the grid stage)")
-        attrs = extract_slide(slide, grid, args.grid, Path(args.out), _settings(args.settings))
+        settings = _settings(args.settings)
+        if args.weights_lock:
+            settings = _pinned(settings, args.weights_lock)
+        attrs = extract_slide(slide, grid, args.grid, Path(args.out), settings)
     print(f"[features] {attrs['slide_id']}: bag with {len(grid['coords'])} patches written to {args.out}",
           file=sys.stderr)
 
@@ -105,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's)")
+    p.add_argument("--weights-lock", default=None, help="lock file written by prefetch_weights")
     p.set_defaults(fn=cmd_features)
 
     args = ap.parse_args(argv)

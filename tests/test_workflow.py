@@ -172,3 +172,36 @@ def test_broken_and_blank_slides_with_keep_going(cohort, root, env_with_venv, tm
 def test_lint_is_clean(cohort, root, env_with_venv, tmp_path):
     proc = snakemake(root, env_with_venv, "--lint", "--config", f"slides_dir={cohort}", f"results_dir={tmp_path}")
     assert "good condition" in proc.stdout + proc.stderr
+
+
+def test_hub_weights_are_prefetched_once_before_feature_jobs(cohort, root, env_with_venv, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", cohort, tmp_path / "r", None,
+                       {"features": {"model": "uni", "pretrained": True}})
+    proc = snakemake(root, env_with_venv, "-n", "--configfile", str(cfg))
+    jobs = planned_jobs(proc)
+    assert jobs["prefetch_weights"] == 1 and jobs["features"] == len(list(cohort.glob("slide_*")))
+    assert "--weights-lock" in proc.stdout
+
+
+def test_features_cli_uses_the_pinned_weights(cohort, tmp_path):
+    from safetensors.torch import save_file
+
+    from pipeline.__main__ import main
+    from pipeline.features import create_encoder
+    from pipeline.provenance import sha256_file
+
+    slide = cohort / "slide_000.tif"
+    assert main(["tissue", "--slide", str(slide), "--out-dir", str(tmp_path / "t")]) == 0
+    assert main(["grid", "--slide", str(slide), "--tissue-dir", str(tmp_path / "t"), "--out", str(tmp_path / "g.json"),
+                 "--settings", json.dumps({"patch_size": 128, "target_mpp": 2.0})]) == 0
+    enc = create_encoder("test_resnet", seed=11)
+    wfile = tmp_path / "hub" / "model.safetensors"
+    wfile.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in enc.model.state_dict().items()}, str(wfile))
+    lock = tmp_path / "test_resnet.lock.json"
+    lock.write_text(json.dumps({"name": "test_resnet", "path": str(wfile), "sha256": sha256_file(wfile)}))
+    settings = json.dumps({"model": "test_resnet", "pretrained": True, "num_workers": 0, "device": "cpu"})
+    assert main(["features", "--slide", str(slide), "--grid", str(tmp_path / "g.json"), "--out",
+                 str(tmp_path / "b.zarr"), "--weights-lock", str(lock), "--settings", settings]) == 0
+    bag = read_bag(tmp_path / "b.zarr")
+    assert bag.attrs["weights"]["sha256"] == sha256_file(wfile) and bag.n > 0

@@ -89,6 +89,17 @@ def slide_args():
     return args
 
 
+WEIGHTS_NAME = "".join(c if c.isalnum() or c in "-_." else "_"
+                       for c in str((config.get("features") or {}).get("model", "resnet50_trunc")))
+
+
+def weights_lock():
+    """The pinned-weights lock file, when weights come from the hub (features.pretrained)."""
+    if (config.get("features") or {}).get("pretrained"):
+        return [f"{RESULTS}/weights/{WEIGHTS_NAME}.lock.json"]
+    return []
+
+
 def labels_input():
     return [LABELS] if LABELS else []
 
