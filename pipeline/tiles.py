@@ -37,8 +37,13 @@ class _Level:
 class TiledJpegReader:
     """Region reader over the JPEG tile pages of one TIFF file, indexed like the slide's levels."""
 
-    def __init__(self, path: str | os.PathLike, level_dimensions: list[tuple[int, int]], cache_tiles: int = 1024):
+    def __init__(self, path: str | os.PathLike, level_dimensions: list[tuple[int, int]],
+                 cache_bytes: int = 384 << 20):
+        import threading
+
         import tifffile
+
+        self._lock = threading.Lock()  # the tile cache is shared by reader threads
 
         self.path = str(path)
         self.levels: dict[int, _Level] = {}
@@ -60,7 +65,8 @@ class TiledJpegReader:
                                               "RGB" if p.photometric == RGB else "YCBCR")
                     break
         self.cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
-        self.cache_tiles = cache_tiles
+        self.cache_bytes = cache_bytes
+        self._cached_bytes = 0
         self._fd: int | None = None
         self._pid = -1
 
@@ -69,14 +75,15 @@ class TiledJpegReader:
 
     def _tile(self, level: int, tx: int, ty: int) -> np.ndarray:
         key = (level, tx, ty)
-        hit = self.cache.get(key)
-        if hit is not None:
-            self.cache.move_to_end(key)
-            return hit
+        with self._lock:
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.cache.move_to_end(key)
+                return hit
+            if self._fd is None or self._pid != os.getpid():  # a forked process needs its own descriptor
+                self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
         import imagecodecs
 
-        if self._fd is None or self._pid != os.getpid():  # a forked worker needs its own descriptor
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
         L = self.levels[level]
         i = ty * L.ntx + tx
         n = L.counts[i]
@@ -89,9 +96,12 @@ class TiledJpegReader:
             tile = imagecodecs.jpeg8_decode(data, tables=L.tables, colorspace=L.colorspace, outcolorspace="RGB")
             if tile.shape[:2] != (L.th, L.tw):
                 raise OSError(f"{self.path}: tile {tx},{ty} of level {level} decodes to {tile.shape}")
-        self.cache[key] = tile
-        if len(self.cache) > self.cache_tiles:
-            self.cache.popitem(last=False)
+        with self._lock:  # decoded outside the lock; a rare duplicate decode is harmless
+            if key not in self.cache:
+                self.cache[key] = tile
+                self._cached_bytes += tile.nbytes
+            while self._cached_bytes > self.cache_bytes and len(self.cache) > 1:
+                self._cached_bytes -= self.cache.popitem(last=False)[1].nbytes
         return tile
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -115,11 +125,6 @@ class TiledJpegReader:
         if self._fd is not None and self._pid == os.getpid():
             os.close(self._fd)
         self._fd = None
-
-    def __getstate__(self) -> dict[str, Any]:  # picklable for worker processes: no fd, no cache
-        d = dict(self.__dict__)
-        d.update(_fd=None, _pid=-1, cache=OrderedDict())
-        return d
 
 
 def open_tiled_jpeg(path: str | os.PathLike, level_dimensions: list[tuple[int, int]]) -> TiledJpegReader | None:

@@ -84,7 +84,8 @@ def test_registry_and_shapes():
         assert out["logits"].shape == (3,)
         assert out["attention"].shape == (7,)
         assert torch.isclose(out["attention"].sum(), torch.tensor(1.0))
-    assert create_model("abmil", 16, 2).attn_u is not None and create_model("abmil_plain", 16, 2).attn_u is None
+    assert create_model("abmil_gated", 16, 2).attn_u is not None and create_model("abmil", 16, 2).attn_u is None
+    assert create_model("abmil_plain", 16, 2).attn_u is None
     with pytest.raises(MILError, match="available models: .*abmil.*abmil_plain"):
         create_model("no_such_model", in_dim=16, n_classes=2)
     with pytest.raises(MILError, match="accepted options"):

@@ -1,7 +1,10 @@
 """Feature extraction: the patches of one slide's grid through an encoder into a Zarr bag.
 
-Patches are read and resized in DataLoader worker processes (each opens its own slide handle) and
-handed over as uint8 arrays; conversion to float, normalisation and the model run on the device
+Patches are read in runs of adjacent patches (one region read per run, via the direct tiled-JPEG
+decoder where the file allows it) and resized by reader threads, each with its own slide handle; JPEG
+decoding and resizing release the GIL, so threads scale without any pickling or inter-process copies.
+uint8 arrays are handed to the device (pinned memory, asynchronous copy on CUDA); conversion to float,
+normalisation and the model run on the device
 (CUDA with bf16 autocast when available, CPU otherwise) under ``torch.inference_mode``. Features are
 written chunk by chunk into a partial bag (:class:`pipeline.store.BagWriter`), so memory does not
 grow with slide size and a killed job resumes from its last finished chunk.
@@ -34,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "weights": None,  # local weights file (safetensors or torch checkpoint)
     "seed": 0,  # seed of the random init when neither weights nor pretrained is set
     "batch_size": 64,
-    "num_workers": 2,
+    "num_workers": 2,  # patch-reader threads
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "chunk_rows": 1024,  # rows per Zarr chunk; rounded up to a multiple of batch_size
 }
@@ -82,10 +85,11 @@ def plan_runs(coords: np.ndarray, size0: int, max_run: int = 16, boundaries: int
     return runs
 
 
-class RunReader(torch.utils.data.Dataset):
-    """Item ``k`` = run ``k`` of patches as one uint8 tensor (n, P, P, 3), read with a single
-    ``read_region`` per run in a worker process (one slide handle per worker, opened lazily) and handed
-    to the main process through shared memory, not pickled per patch.
+class RunReader:
+    """Item ``k`` = run ``k`` of patches as one uint8 tensor (n, P, P, 3), read with a single region read
+    per run. Thread-safe: reader threads (:class:`Prefetcher`) share one instance, hence one slide handle
+    and one decoded-tile cache; JPEG decoding and resizing release the GIL, and arrays are handed over in
+    memory (no pickling, no IPC).
 
     Each patch's pixels are ``level[round(y/ds):+r, round(x/ds):+r]`` resized to P x P, whatever run it
     falls in: regions start on the level's own pixel grid, so grouping never shifts a patch.
@@ -96,16 +100,17 @@ class RunReader(torch.utils.data.Dataset):
         self.slide_path, self.reader, self.mpp = slide_path, reader, mpp
         self.coords = np.asarray(coords, dtype=np.int64)
         self.plan, self.runs = plan, runs
-        self._slide: Slide | None = None
+        self._slide = open_slide(self.slide_path, reader=self.reader, mpp=self.mpp)
 
     def __len__(self) -> int:
         return len(self.runs)
 
+    def close(self) -> None:
+        self._slide.close()
+
     def __getitem__(self, k: int) -> torch.Tensor:
         import cv2
 
-        if self._slide is None:
-            self._slide = open_slide(self.slide_path, reader=self.reader, mpp=self.mpp)
         a, b = self.runs[k]
         level, ds = int(self.plan["level"]), float(self.plan["level_downsample"])
         p, r = int(self.plan["patch_size_px"]), int(self.plan["read_size_px"])
@@ -120,6 +125,56 @@ class RunReader(torch.utils.data.Dataset):
             crop = region[:, x:x + r]
             out[i] = crop if r == p else cv2.resize(crop, (p, p), interpolation=interp)
         return torch.from_numpy(out)
+
+
+class Prefetcher:
+    """Reads runs ``0..n-1`` with ``workers`` threads, at most ``depth`` runs ahead, and yields them in
+    order. Reading starts on construction, so a slide's prefetcher created early (the next slide) fills
+    while the current slide is being encoded. ``workers=0`` reads in the consuming thread."""
+
+    def __init__(self, reader, n_items: int, workers: int, depth: int | None = None, pin: bool = False):
+        import collections
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.n, self.next_submit, self.workers, self.pin = n_items, 0, workers, pin
+        self.reader = reader  # thread-safe: reader[k] -> tensor
+        self._pending: collections.deque = collections.deque()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="patch-reader") if workers > 0 else None
+        self.depth = depth or max(2, 4 * workers)
+        self._fill()
+
+    def _read(self, k: int) -> torch.Tensor:
+        block = self.reader[k]
+        return block.pin_memory() if self.pin else block
+
+    def _fill(self) -> None:
+        while self._pool is not None and self.next_submit < self.n and len(self._pending) < self.depth:
+            self._pending.append(self._pool.submit(self._read, self.next_submit))
+            self.next_submit += 1
+
+    def __iter__(self):
+        try:
+            if self._pool is None:
+                for k in range(self.n):
+                    yield self._read(k)
+                return
+            while self._pending:
+                fut = self._pending.popleft()
+                self._fill()
+                yield fut.result()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            for fut in self._pending:
+                fut.cancel()
+            self._pending.clear()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        close = getattr(self.reader, "close", None)
+        if close is not None:
+            close()
 
 
 def fingerprint(slide_path: str | os.PathLike, grid_path: str | os.PathLike, params: dict[str, Any],
@@ -184,13 +239,10 @@ class _SlideRun:
                   file=log, flush=True)
         runs = [r for r in plan_runs(self.coords, int(self.plan["patch_size_level0_px"]),
                                      boundaries=chunk_rows) if r[0] >= self.start]
-        workers = int(p["num_workers"])
-        loader = torch.utils.data.DataLoader(
-            RunReader(str(slide.path), slide.reader, slide.mpp, self.coords, self.plan, runs),
-            batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
-            prefetch_factor=4 if workers > 0 else None)
         self.t0 = time.monotonic()
-        self.blocks = iter(loader)  # worker processes start reading now
+        self.blocks = Prefetcher(  # reader threads start now
+            RunReader(str(slide.path), slide.reader, slide.mpp, self.coords, self.plan, runs),
+            len(runs), int(p["num_workers"]), pin=device.type == "cuda")
 
     def run(self) -> dict[str, Any]:
         plan, slide, enc = self.plan, self.slide, self.encoder
@@ -211,7 +263,7 @@ class _SlideRun:
 
         with torch.inference_mode():
             for block in self.blocks:
-                pending.append(block)
+                pending.append(block.to(self.device, non_blocking=True))
                 n_pending += int(block.shape[0])
                 while n_pending >= self.bs:
                     flush(self.bs)

@@ -3,14 +3,32 @@
 Model interface (every registered model follows it, so training and inference never special-case one):
 
 * a factory ``fn(in_dim, n_classes, **kwargs) -> torch.nn.Module`` decorated with ``@register_model``;
-  keyword arguments are the model's hyper-parameters, each with a default, and are stored verbatim in the
-  checkpoint config so ``create_model(name, in_dim, n_classes, **kwargs)`` rebuilds the same model;
+  ``n_classes`` is the number of model outputs (classes for classification, time bins for discrete-time
+  survival, 1 for Cox survival and regression). Keyword arguments are the model's hyper-parameters, each
+  with a default, and are stored verbatim in the checkpoint config so ``create_model(name, in_dim,
+  n_classes, **kwargs)`` rebuilds the same model. A factory may also accept the keyword ``task``
+  (``"classification"``, ``"survival"`` or ``"regression"``); it is not a hyper-parameter but is passed
+  by the trainer and by inference (models that treat binary classification as "is a positive instance
+  present?" need it);
 * ``model(features)`` with ``features`` a float tensor ``(N, D)`` (one bag; ``N`` may be 0) returns a dict:
-  ``logits`` ``(n_classes,)``, ``attention`` ``(N,)`` instance weights (softmax-normalised, summing to 1
-  over the bag; ``None`` for models without instance scores), and optionally ``aux_loss`` (a scalar that
-  the trainer adds to the bag loss, already weighted by the model);
+
+  - ``logits`` ``(n_classes,)``: the bag prediction;
+  - ``attention`` ``(N,)``: instance weights (softmax-normalised, summing to 1 over the bag), or ``None``
+    for models without attention;
+  - ``instance_logits`` ``(N, n_classes)`` (optional): per-instance outputs on the scale of ``logits``
+    (e.g. an instance classifier, or each instance's exact share of the bag logit for pooling models);
+  - ``aux_loss`` (optional): a scalar that the trainer adds to the bag loss, already weighted by the model;
+  - ``loss_logits`` (optional): a list of ``(logits, weight)``; when present the trainer's task loss is
+    ``sum(weight * loss(logits))`` over it instead of ``loss(logits)`` (e.g. DSMIL's two streams);
+  - ``attention_branches`` ``(K, N)`` (optional): all attention maps of a multi-branch model (the
+    attention-entropy term of ``--aem-lambda`` averages over them);
+
 * a model that needs the bag label for an auxiliary loss (e.g. CLAM's instance clustering) sets the class
-  attribute ``uses_label = True``; the trainer then calls ``model(features, label=y)`` during training.
+  attribute ``uses_label = True``; for classification the trainer then calls ``model(features, label=y)``
+  during training (``y`` a 0-d long tensor).
+
+Each registration may carry the optimiser defaults of the model's paper (``lr``, ``weight_decay``), used
+when the user sets neither.
 """
 
 from __future__ import annotations
@@ -18,7 +36,11 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-__all__ = ["MILError", "register_model", "create_model", "list_models", "resolve_model_kwargs"]
+__all__ = ["MILError", "register_model", "create_model", "list_models", "resolve_model_kwargs",
+           "model_defaults", "TASKS"]
+
+#: Tasks a model can be built for (the labels CSV decides, or ``--task``).
+TASKS = ("classification", "survival", "regression")
 
 
 class MILError(ValueError):
@@ -26,12 +48,16 @@ class MILError(ValueError):
 
 
 _MODELS: dict[str, Callable[..., Any]] = {}
+_DEFAULTS: dict[str, dict[str, Any]] = {}
+_RUNTIME_ARGS = ("task",)  # passed by the trainer, never a stored hyper-parameter
 
 
-def register_model(fn: Callable[..., Any] | None = None, *, name: str | None = None):
+def register_model(fn: Callable[..., Any] | None = None, *, name: str | None = None,
+                   lr: float | None = None, weight_decay: float | None = None):
     """Register a model factory under ``name`` (default: the function's name).
 
-    Use as ``@register_model`` or ``@register_model(name="...")``.
+    Use as ``@register_model`` or ``@register_model(name="...", lr=..., weight_decay=...)``; ``lr`` and
+    ``weight_decay`` are the optimiser defaults of the model's paper.
     """
 
     def deco(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -39,6 +65,7 @@ def register_model(fn: Callable[..., Any] | None = None, *, name: str | None = N
         if key in _MODELS and _MODELS[key] is not f:
             raise ValueError(f"MIL model {key!r} is already registered")
         _MODELS[key] = f
+        _DEFAULTS[key] = {"lr": lr, "weight_decay": weight_decay}
         return f
 
     return deco(fn) if fn is not None else deco
@@ -56,19 +83,37 @@ def _factory(name: str) -> Callable[..., Any]:
         raise MILError(f"unknown MIL model {name!r}; available models: {', '.join(list_models())}") from None
 
 
+def model_defaults(name: str) -> dict[str, Any]:
+    """Optimiser defaults registered with model ``name`` (``lr``, ``weight_decay``; ``None`` if unset)."""
+    _factory(name)
+    return dict(_DEFAULTS.get(name, {}))
+
+
+def model_doc(name: str) -> str:
+    """First line of the factory's docstring."""
+    doc = inspect.getdoc(_factory(name)) or ""
+    return doc.splitlines()[0] if doc else ""
+
+
 def resolve_model_kwargs(name: str, **kwargs: Any) -> dict[str, Any]:
     """All hyper-parameters of model ``name`` (defaults filled in), validating ``kwargs``."""
     fn = _factory(name)
     sig = inspect.signature(fn)
+    bad = [k for k in kwargs if k in _RUNTIME_ARGS]
+    if bad:
+        raise MILError(f"model {name!r}: {bad[0]!r} is not a model hyper-parameter")
     try:
         bound = sig.bind(0, 2, **kwargs)
     except TypeError as exc:
         accepted = [p for p in list(sig.parameters)[2:]
-                    if sig.parameters[p].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+                    if sig.parameters[p].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+                    and p not in _RUNTIME_ARGS]
         raise MILError(f"model {name!r}: {exc} (accepted options: {', '.join(accepted) or 'none'})") from None
     bound.apply_defaults()
     out = dict(bound.arguments)
     for p in list(sig.parameters)[:2]:
+        out.pop(p, None)
+    for p in _RUNTIME_ARGS:
         out.pop(p, None)
     extra = {k: v for k, v in out.items() if sig.parameters[k].kind == inspect.Parameter.VAR_KEYWORD}
     for k in extra:
@@ -77,16 +122,25 @@ def resolve_model_kwargs(name: str, **kwargs: Any) -> dict[str, Any]:
     return out
 
 
-def create_model(name: str, in_dim: int, n_classes: int, **kwargs: Any):
-    """Build registered MIL model ``name`` for ``in_dim``-dimensional features and ``n_classes`` classes."""
+def create_model(name: str, in_dim: int, n_classes: int, task: str = "classification", **kwargs: Any):
+    """Build registered MIL model ``name`` for ``in_dim``-dimensional features and ``n_classes`` outputs.
+
+    ``task`` is passed to factories that accept it (see the module docstring).
+    """
     fn = _factory(name)
     if int(in_dim) < 1:
         raise MILError(f"model {name!r}: in_dim must be >= 1 (got {in_dim})")
-    if int(n_classes) < 2:
-        raise MILError(f"model {name!r}: n_classes must be >= 2 (got {n_classes})")
+    if task not in TASKS:
+        raise MILError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    min_out = 2 if task == "classification" else 1
+    if int(n_classes) < min_out:
+        what = "n_classes" if task == "classification" else "the number of outputs"
+        raise MILError(f"model {name!r}: {what} must be >= {min_out} (got {n_classes})")
     kw = resolve_model_kwargs(name, **kwargs)
+    if "task" in inspect.signature(fn).parameters:
+        kw["task"] = task
     return fn(int(in_dim), int(n_classes), **kw)
 
 
 # Model files register themselves on import.
-from . import abmil  # noqa: E402,F401
+from . import abmil, acmil, clam, dsmil, pooling, transmil  # noqa: E402,F401

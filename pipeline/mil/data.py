@@ -1,8 +1,13 @@
 """Labels CSV + feature bags -> an in-memory MIL dataset.
 
-Labels CSV: columns ``slide_id,label`` and optionally ``patient_id`` (used to group slides of one patient
-into the same fold), ``mpp`` and anything else (ignored). Labels may be integers or strings; the classes
-are the sorted unique labels (binary when there are two: the positive class is ``classes[1]``).
+Labels CSV: ``slide_id`` plus the target columns of the task, optionally ``patient_id`` (used to group slides
+of one patient into the same fold), ``split`` (``train``/``test``; a fixed split instead of k-fold CV),
+``mpp`` and anything else (ignored). The task is decided by the CSV unless given explicitly:
+
+* ``time`` and ``event`` columns -> survival (``event`` 1/0, true/false; ``time`` > 0);
+* a ``label`` column of non-integer numbers -> regression;
+* otherwise ``label`` (integers or strings) -> classification; the classes are the sorted unique labels
+  (binary when there are two: the positive class is ``classes[1]``).
 """
 
 from __future__ import annotations
@@ -39,8 +44,47 @@ def _plain(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
-def read_labels(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a labels CSV: returns ``slide_id`` (str), ``label`` (int or str), ``patient_id`` (str, if present)."""
+def _detect_task(df: pd.DataFrame, path: Path) -> str:
+    if "time" in df.columns and "event" in df.columns:
+        return "survival"
+    if "label" in df.columns:
+        lab = df["label"].dropna()
+        if pd.api.types.is_numeric_dtype(lab) and not pd.api.types.is_bool_dtype(lab):
+            vals = lab.to_numpy(dtype=float)
+            if len(vals) and not np.all(vals == np.round(vals)):
+                return "regression"
+        return "classification"
+    raise MILError(f"{path}: labels CSV lacks a label column (has {list(df.columns)}); expected "
+                   "slide_id,label[,patient_id] or slide_id,time,event[,patient_id]")
+
+
+def _drop_missing(df: pd.DataFrame, cols: Sequence[str], path: Path) -> pd.DataFrame:
+    missing = np.zeros(len(df), dtype=bool)
+    for c in cols:
+        missing |= (df[c].isna() | (df[c].astype(str).str.strip() == "")).to_numpy()
+    if missing.any():
+        log.warning("%s: ignoring %d slide(s) without %s: %s", path, int(missing.sum()), "/".join(cols),
+                    _names(df.loc[missing, "slide_id"].tolist()))
+        df = df.loc[~missing].copy()
+    return df
+
+
+def _numbers(df: pd.DataFrame, col: str, path: Path) -> np.ndarray:
+    vals = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(vals)
+    if bad.any():
+        raise MILError(f"{path}: column {col!r} must be numeric; bad value(s) for slide(s) "
+                       f"{_names(df.loc[bad, 'slide_id'].tolist())}")
+    return vals
+
+
+def read_labels(path: str | os.PathLike, task: str | None = None) -> pd.DataFrame:
+    """Read a labels CSV.
+
+    Returns ``slide_id`` (str), the targets (``label``: int or str for classification, float for
+    regression; ``time`` float and ``event`` int for survival), ``patient_id`` (str, if present) and
+    ``split`` (if present); ``df.attrs["task"]`` holds the task (``task`` if given, else detected).
+    """
     path = Path(path)
     if not path.is_file():
         raise MILError(f"{path}: labels CSV not found")
@@ -49,33 +93,60 @@ def read_labels(path: str | os.PathLike) -> pd.DataFrame:
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise MILError(f"{path}: cannot read labels CSV ({exc})") from None
     df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in ("slide_id", "label") if c not in df.columns]
+    if "slide_id" not in df.columns:
+        raise MILError(f"{path}: labels CSV lacks column(s) ['slide_id'] (has {list(df.columns)}); "
+                       "expected slide_id,label[,patient_id]")
+    if task in (None, "auto"):
+        task = _detect_task(df, path)
+    needed = {"classification": ["label"], "regression": ["label"], "survival": ["time", "event"]}.get(task)
+    if needed is None:
+        raise MILError(f"unknown task {task!r} (known: classification, survival, regression)")
+    missing = [c for c in needed if c not in df.columns]
     if missing:
         raise MILError(f"{path}: labels CSV lacks column(s) {missing} (has {list(df.columns)}); "
-                       "expected slide_id,label[,patient_id]")
+                       f"a {task} task needs slide_id,{','.join(needed)}[,patient_id]")
     df = df.copy()
     df["slide_id"] = df["slide_id"].astype(str).str.strip()
     bad = df["slide_id"].isna() | (df["slide_id"] == "") | (df["slide_id"] == "nan")
     if bad.any():
         raise MILError(f"{path}: empty slide_id in row(s) {_names((np.flatnonzero(bad.to_numpy()) + 2).tolist())}")
-    nolabel = df["label"].isna() | (df["label"].astype(str).str.strip() == "")
-    if nolabel.any():
-        log.warning("%s: ignoring %d slide(s) without a label: %s", path, int(nolabel.sum()),
-                    _names(df.loc[nolabel, "slide_id"].tolist()))
-        df = df.loc[~nolabel].copy()
-    lab = df["label"]
-    if pd.api.types.is_bool_dtype(lab):
-        labels = [int(v) for v in lab]
-    elif pd.api.types.is_numeric_dtype(lab):
-        vals = lab.to_numpy(dtype=float)
-        if np.all(np.isfinite(vals)) and np.all(vals == np.round(vals)):
-            labels = [int(v) for v in vals]
+    df = _drop_missing(df, needed, path)
+    if task == "classification":
+        lab = df["label"]
+        if pd.api.types.is_bool_dtype(lab):
+            labels = [int(v) for v in lab]
+        elif pd.api.types.is_numeric_dtype(lab):
+            vals = lab.to_numpy(dtype=float)
+            if np.all(np.isfinite(vals)) and np.all(vals == np.round(vals)):
+                labels = [int(v) for v in vals]
+            else:
+                raise MILError(f"{path}: classification labels must be integers or strings (got non-integer "
+                               "numbers; use --task regression for a numeric target)")
         else:
-            raise MILError(f"{path}: labels must be integers or strings (got non-integer numbers); "
-                           "regression is not supported")
+            labels = [str(v).strip() for v in lab]
+        df["label"] = pd.Series(labels, index=df.index, dtype=object)
+        target_cols = ["label"]
+    elif task == "regression":
+        df["label"] = _numbers(df, "label", path)
+        target_cols = ["label"]
     else:
-        labels = [str(v).strip() for v in lab]
-    df["label"] = pd.Series(labels, index=df.index, dtype=object)
+        df["time"] = _numbers(df, "time", path)
+        ev = df["event"]
+        if pd.api.types.is_bool_dtype(ev):
+            events = ev.astype(int).to_numpy()
+        else:
+            text = ev.astype(str).str.strip().str.lower()
+            mapping = {"1": 1, "0": 0, "1.0": 1, "0.0": 0, "true": 1, "false": 0, "yes": 1, "no": 0}
+            badev = ~text.isin(list(mapping))
+            if badev.any():
+                raise MILError(f"{path}: column 'event' must be 1/0 (or true/false); bad value(s) for slide(s) "
+                               f"{_names(df.loc[badev, 'slide_id'].tolist())}")
+            events = text.map(mapping).to_numpy(dtype=np.int64)
+        df["event"] = events.astype(np.int64)
+        if (df["time"] < 0).any():
+            raise MILError(f"{path}: negative survival time for slide(s) "
+                           f"{_names(df.loc[df['time'] < 0, 'slide_id'].tolist())}")
+        target_cols = ["time", "event"]
     if "patient_id" in df.columns:
         pid = df["patient_id"].astype(object)
         nopid = pid.isna() | (pid.astype(str).str.strip() == "")
@@ -83,17 +154,27 @@ def read_labels(path: str | os.PathLike) -> pd.DataFrame:
             log.warning("%s: %d slide(s) without patient_id are treated as their own patient: %s", path,
                         int(nopid.sum()), _names(df.loc[nopid, "slide_id"].tolist()))
         df["patient_id"] = [s if m else str(p).strip() for p, s, m in zip(pid, df["slide_id"], nopid)]
+    if "split" in df.columns:
+        sp = df["split"].astype(str).str.strip().str.lower()
+        sp = sp.replace({"val": "train", "validation": "train", "training": "train", "testing": "test"})
+        badsp = ~sp.isin(["train", "test"])
+        if badsp.any():
+            raise MILError(f"{path}: column 'split' must be train or test; bad value(s) for slide(s) "
+                           f"{_names(df.loc[badsp, 'slide_id'].tolist())}")
+        df["split"] = sp
     dup = df["slide_id"].duplicated(keep=False)
     if dup.any():
         d = df.loc[dup]
-        cols = ["label"] + (["patient_id"] if "patient_id" in df.columns else [])
+        cols = target_cols + [c for c in ("patient_id", "split") if c in df.columns]
         conflicting = [sid for sid, g in d.groupby("slide_id", sort=True)
                        if any(g[c].astype(str).nunique() > 1 for c in cols)]
         if conflicting:
             raise MILError(f"{path}: slide(s) listed more than once with different labels: {_names(conflicting)}")
         log.warning("%s: duplicate rows for slide(s) %s (kept one)", path, _names(sorted(set(d["slide_id"]))))
         df = df.drop_duplicates("slide_id", keep="first")
-    return df.reset_index(drop=True)
+    df = df.reset_index(drop=True)
+    df.attrs["task"] = task
+    return df
 
 
 def class_list(labels: Iterable[Any]) -> list[Any]:
@@ -179,17 +260,26 @@ def check_compatible(bags: Sequence[tuple[str, dict[str, Any]]],
 
 @dataclass
 class MILDataset:
-    """Bags held in memory (features float16), one per labelled slide, sorted by slide id."""
+    """Bags held in memory (features float16), one per labelled slide, sorted by slide id.
+
+    ``y`` is what CV stratifies on: the class index (classification), the event indicator (survival) or
+    the target's quartile (regression).
+    """
 
     slide_ids: list[str]
     features: list[np.ndarray]  # (N_i, D) float16
     coords: list[np.ndarray]  # (N_i, 2) int32
-    labels: list[Any]  # original labels
-    y: np.ndarray  # (n,) int64 class indices into ``classes``
+    labels: list[Any]  # original labels (classification, regression) or event (survival)
+    y: np.ndarray  # (n,) int64 class indices into ``classes`` / strata
     classes: list[Any]
     feature_attrs: dict[str, Any]
     groups: np.ndarray | None = None  # (n,) patient ids, when the labels CSV has them
     paths: list[Path] = field(default_factory=list)
+    task: str = "classification"
+    target: np.ndarray | None = None  # (n,) float: regression target
+    time: np.ndarray | None = None  # (n,) float: survival time
+    event: np.ndarray | None = None  # (n,) int: survival event (1 observed, 0 censored)
+    split: np.ndarray | None = None  # (n,) "train"/"test" when the labels CSV has a split column
 
     def __len__(self) -> int:
         return len(self.slide_ids)
@@ -223,9 +313,21 @@ def open_bags(paths: Iterable[str | os.PathLike]) -> dict[str, Bag]:
     return out
 
 
-def load_dataset(bag_paths: Iterable[str | os.PathLike], labels_csv: str | os.PathLike) -> MILDataset:
+def regression_strata(target: np.ndarray, max_bins: int = 4) -> np.ndarray:
+    """Quantile bins of a continuous target, for stratified splits (fewer bins for few bags)."""
+    t = np.asarray(target, dtype=np.float64)
+    k = int(max(1, min(max_bins, len(t) // 4)))
+    if k < 2:
+        return np.zeros(len(t), dtype=np.int64)
+    edges = np.quantile(t, np.arange(1, k) / k)
+    return np.searchsorted(edges, t, side="right").astype(np.int64)
+
+
+def load_dataset(bag_paths: Iterable[str | os.PathLike], labels_csv: str | os.PathLike,
+                 task: str | None = None) -> MILDataset:
     """Labelled bags: the intersection of the labels CSV and the bags (others are named in a warning)."""
-    labels = read_labels(labels_csv)
+    labels = read_labels(labels_csv, task)
+    task = labels.attrs["task"]
     bags = open_bags(bag_paths)
     if not bags:
         raise MILError(f"no bags found in {', '.join(str(p) for p in bag_paths)}")
@@ -239,10 +341,34 @@ def load_dataset(bag_paths: Iterable[str | os.PathLike], labels_csv: str | os.Pa
     rows = labels[labels["slide_id"].isin(bags)].sort_values("slide_id", kind="stable").reset_index(drop=True)
     if len(rows) < 2:
         raise MILError(f"{labels_csv}: only {len(rows)} slide(s) have both a label and a bag; need at least 2")
-    classes = class_list(rows["label"])
-    if len(classes) < 2:
-        raise MILError(f"{labels_csv}: all {len(rows)} usable slides have the same label {classes[0]!r}; "
-                       "need at least 2 classes")
+    extra: dict[str, Any] = {"task": task}
+    if task == "classification":
+        classes = class_list(rows["label"])
+        if len(classes) < 2:
+            raise MILError(f"{labels_csv}: all {len(rows)} usable slides have the same label {classes[0]!r}; "
+                           "need at least 2 classes")
+        index = {c: i for i, c in enumerate(classes)}
+        y = np.array([index[_plain(v)] for v in rows["label"]], dtype=np.int64)
+        labels_out = [_plain(v) for v in rows["label"]]
+    elif task == "regression":
+        classes = []
+        target = rows["label"].to_numpy(dtype=np.float64)
+        if np.all(target == target[0]):
+            raise MILError(f"{labels_csv}: all {len(rows)} usable slides have the same target {target[0]!r}")
+        extra["target"] = target
+        y = regression_strata(target)
+        labels_out = [float(v) for v in target]
+    else:
+        classes = []
+        extra["time"] = rows["time"].to_numpy(dtype=np.float64)
+        extra["event"] = rows["event"].to_numpy(dtype=np.int64)
+        if extra["event"].sum() == 0:
+            raise MILError(f"{labels_csv}: no usable slide has an observed event (event = 1); "
+                           "survival models cannot be trained")
+        y = extra["event"].copy()
+        labels_out = [int(v) for v in extra["event"]]
+    if "split" in rows.columns:
+        extra["split"] = rows["split"].astype(str).to_numpy()
     used = [bags[s] for s in rows["slide_id"]]
     fa = check_compatible([(str(b.path), b.attrs) for b in used])
     feats, coords = [], []
@@ -250,9 +376,7 @@ def load_dataset(bag_paths: Iterable[str | os.PathLike], labels_csv: str | os.Pa
         full = read_bag(b.path)
         feats.append(full.features)
         coords.append(full.coords)
-    index = {c: i for i, c in enumerate(classes)}
-    y = np.array([index[_plain(v)] for v in rows["label"]], dtype=np.int64)
     groups = rows["patient_id"].astype(str).to_numpy() if "patient_id" in rows.columns else None
     return MILDataset(slide_ids=rows["slide_id"].tolist(), features=feats, coords=coords,
-                      labels=[_plain(v) for v in rows["label"]], y=y, classes=classes, feature_attrs=fa,
-                      groups=groups, paths=[Path(b.path) for b in used])
+                      labels=labels_out, y=y, classes=classes, feature_attrs=fa,
+                      groups=groups, paths=[Path(b.path) for b in used], **extra)

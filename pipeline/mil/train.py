@@ -1,13 +1,19 @@
 """Cross-validated MIL training and evaluation.
 
-k-fold CV stratified by label and grouped by patient (when the labels CSV has ``patient_id``); inside each
+k-fold CV stratified by label (survival: by event; regression: by target quartile) and grouped by patient
+(when the labels CSV has ``patient_id``), or the fixed train/test split of a ``split`` column; inside each
 training fold a validation split (stratified, grouped) drives early stopping on the validation loss and the
-best weights are restored. One bag per step, AdamW, cosine learning-rate schedule over the epochs,
-class-weighted cross-entropy, fixed seeds. ``folds=1`` trains a single model on all bags; its metrics and
-predictions then come from the internal validation split (``"mode": "single"`` in metrics.json).
+best weights are restored. AdamW with a cosine learning-rate schedule over the epochs (learning rate and
+weight decay default to the model's paper), mini-batches of ``batch_size`` bags (1 by default; 32 for the
+Cox loss, which needs several bags), class imbalance handled by a class-weighted loss or a class-balanced
+sampler, an optional random cap on the instances per bag during training, optional feature standardisation
+fitted on the training bags of each fold (out of core, :mod:`pipeline.mil.cohort`), the optional
+attention-entropy term of AEM (``aem_lambda``), fixed seeds, bf16 autocast on CUDA. ``folds=1`` trains a
+single model on all bags; its metrics and predictions then come from the internal validation split
+(``"mode": "single"`` in metrics.json).
 
 Outputs in ``out_dir`` (each written atomically; ``metrics.json`` last, so its presence means training
-finished): ``fold_{k}/model.pt``, ``predictions.csv``, ``model_config.json``, ``metrics.json``.
+finished): ``fold_{k}/model.pt``, ``predictions.csv`` (out-of-fold), ``model_config.json``, ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ import pandas as pd
 
 from .. import STAGE_VERSIONS, __version__
 from ..provenance import atomic_path, provenance, sha256_file, write_json_atomic
-from . import MILError, create_model, resolve_model_kwargs
+from . import MILError, create_model, model_defaults, resolve_model_kwargs
 from .data import MILDataset, load_dataset
+from .tasks import (METRIC_KEYS, PRIMARY_METRIC, REGRESSION_LOSSES, SURVIVAL_LOSSES, ClassificationTask,
+                    RegressionTask, SurvivalTask, Task, class_weights, compute_metrics, time_bins)
 
 log = logging.getLogger("pipeline.mil")
 
@@ -142,107 +150,189 @@ def holdout_split(idx: Sequence[int], y: Sequence[int], groups: Sequence[Any] | 
     return np.sort(idx[tr]), np.sort(idx[va])
 
 
-# ----------------------------------------------------------------------------------------------- metrics
+# ----------------------------------------------------------------------------------------------- settings
 
-def compute_metrics(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, Any]:
-    """AUC (binary; one-vs-rest macro over the classes present for multi-class), balanced accuracy, accuracy."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
-
-    y = np.asarray(y)
-    probs = np.asarray(probs, dtype=np.float64)
-    pred = probs.argmax(axis=1)
-    out: dict[str, Any] = {"auc": None}
-    present = np.unique(y)
-    if len(present) < 2:
-        out["auc_note"] = f"test set has a single class ({len(y)} bag(s)); AUC undefined"
-    elif n_classes == 2:
-        out["auc"] = float(roc_auc_score(y == 1, probs[:, 1]))
-    else:
-        aucs = [roc_auc_score(y == c, probs[:, c]) for c in present]
-        out["auc"] = float(np.mean(aucs))
-        if len(present) < n_classes:
-            out["auc_note"] = (f"one-vs-rest macro AUC over the {len(present)} of {n_classes} classes "
-                               "present in the test set")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # y_pred contains classes not in y_true
-        out["balanced_accuracy"] = float(balanced_accuracy_score(y, pred))
-    out["accuracy"] = float(accuracy_score(y, pred))
-    return out
+BALANCE = ("loss", "sampler", "none")
+__all__ = ["cv_splits", "holdout_split", "fit", "evaluate", "train", "train_dataset", "compute_metrics",
+           "class_weights", "make_task", "fold_feature_stats"]
 
 
-def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
-    """Balanced class weights ``n / (C * count_c)`` (1 for classes absent from ``y``)."""
-    counts = np.bincount(np.asarray(y), minlength=n_classes).astype(np.float64)
-    w = np.ones(n_classes)
-    nz = counts > 0
-    w[nz] = counts[nz].sum() / (nz.sum() * counts[nz])
-    return w
+def make_task(ds: MILDataset, fit_idx: Sequence[int], *, balance: str = "loss", survival_loss: str = "nll",
+              n_bins: int = 4, regression_loss: str = "mse") -> Task:
+    """The task of one training fold (class weights, survival intervals, target scaling from ``fit_idx``)."""
+    fit_idx = np.asarray(fit_idx, dtype=np.int64)
+    if ds.task == "classification":
+        w = class_weights(ds.y[fit_idx], ds.n_classes).tolist() if balance == "loss" else None
+        return ClassificationTask(ds.classes, ds.y, weights=w)
+    if ds.task == "survival":
+        edges = time_bins(ds.time[fit_idx], ds.event[fit_idx], n_bins) if survival_loss == "nll" else []
+        return SurvivalTask(survival_loss, bin_edges=edges, time=ds.time, event=ds.event)
+    if ds.task == "regression":
+        return RegressionTask(regression_loss, target=ds.target, fit_idx=fit_idx)
+    raise MILError(f"unknown task {ds.task!r}")
+
+
+def fold_feature_stats(ds: MILDataset, idx: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and standard deviation over the patches of bags ``idx``.
+
+    Computed out of core from the bags on disk through the dask cohort view when the dataset knows its bag
+    paths; for an in-memory dataset without paths, accumulated bag by bag.
+    """
+    idx = [int(i) for i in idx]
+    if ds.paths and len(ds.paths) == len(ds):
+        from .cohort import cohort_view, feature_stats
+
+        view = cohort_view([ds.paths[i] for i in idx])
+        return feature_stats(view)
+    d = ds.in_dim
+    s1, s2, n = np.zeros(d), np.zeros(d), 0
+    for i in idx:
+        x = ds.features[i].astype(np.float64)
+        s1 += x.sum(axis=0)
+        s2 += (x ** 2).sum(axis=0)
+        n += x.shape[0]
+    if n == 0:
+        raise MILError("feature statistics need at least one patch; the training bags are all empty")
+    mean = s1 / n
+    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
+    std[std < 1e-6] = 1.0
+    return mean.astype(np.float32), std.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------- loops
 
-def evaluate(model, ds: MILDataset, idx: Sequence[int], device, loss_fn=None) -> tuple[np.ndarray, float | None]:
-    """Class probabilities ``(len(idx), C)`` and (with ``loss_fn``) the mean loss over the bags."""
+def _bag(ds: MILDataset, i: int, device, norm=None, max_instances: int | None = None, rng=None):
+    x = ds.tensor(int(i), device)
+    if max_instances is not None and x.shape[0] > max_instances:
+        keep = np.sort(rng.choice(x.shape[0], int(max_instances), replace=False))
+        x = x[torch_index(keep, x.device)]
+    if norm is not None:
+        x = (x - norm[0]) / norm[1]
+    return x
+
+
+def torch_index(idx: np.ndarray, device):
+    import torch
+
+    return torch.as_tensor(idx, dtype=torch.long, device=device)
+
+
+def _entropy(out: dict[str, Any]):
+    """Mean Shannon entropy of the model's attention map(s) (0 where there is no attention)."""
+    a = out.get("attention_branches")
+    if a is None:
+        a = out.get("attention")
+        if a is None:
+            return None
+        a = a.unsqueeze(0)
+    a = a.float()
+    if a.shape[-1] < 2:
+        return a.sum() * 0.0
+    return -(a * a.clamp_min(1e-12).log()).sum(dim=-1).mean()
+
+
+def evaluate(model, ds: MILDataset, idx: Sequence[int], device, task: Task | None = None,
+             norm=None) -> tuple[np.ndarray, float | None]:
+    """Raw model outputs ``(len(idx), n_outputs)`` and (with ``task``) the task loss over the bags."""
     import torch
 
     model.eval()
-    probs = np.zeros((len(idx), ds.n_classes), dtype=np.float64)
-    total = 0.0
+    outs = []
     with torch.inference_mode():
-        for j, i in enumerate(idx):
+        for i in idx:
             with _autocast(device):
-                out = model(ds.tensor(i, device))
-            logits = out["logits"].float()
-            probs[j] = torch.softmax(logits, dim=-1).cpu().numpy()
-            if loss_fn is not None:
-                target = torch.tensor([int(ds.y[i])], device=device)
-                total += float(loss_fn(logits.unsqueeze(0), target))
-    loss = total / len(idx) if (loss_fn is not None and len(idx)) else None
-    return probs, loss
+                out = model(_bag(ds, i, device, norm))
+            outs.append(out["logits"].float())
+        if not outs:
+            return np.zeros((0, 0)), None
+        logits = torch.stack(outs)
+        loss = float(task.loss(logits, list(idx))) if task is not None else None
+    return logits.cpu().numpy().astype(np.float64), loss
 
 
 def fit(model, ds: MILDataset, train_idx: Sequence[int], val_idx: Sequence[int], *, epochs: int, lr: float,
-        weight_decay: float, patience: int, seed: int, device, tag: str = "") -> dict[str, Any]:
-    """Train ``model`` in place with early stopping on the validation loss; restores the best weights."""
+        weight_decay: float, patience: int, seed: int, device, tag: str = "", task: Task | None = None,
+        batch_size: int = 1, balance: str = "loss", max_instances: int | None = None, norm=None,
+        aem_lambda: float = 0.0) -> dict[str, Any]:
+    """Train ``model`` in place with early stopping on the validation loss; restores the best weights.
+
+    ``task`` defaults to class-weighted classification. ``balance="sampler"`` draws the bags of an epoch
+    with replacement, inversely to their class (stratum) frequency, instead of weighting the loss.
+    """
     import torch
 
     train_idx = [int(i) for i in train_idx]
     empty = [ds.slide_ids[i] for i in train_idx if ds.n_instances(i) == 0]
     if empty:
         log.info("%sskipping %d empty bag(s) in training: %s", tag, len(empty), ", ".join(empty[:10]))
-    steps = [i for i in train_idx if ds.n_instances(i) > 0]
-    if not steps:
+    steps = np.array([i for i in train_idx if ds.n_instances(i) > 0], dtype=np.int64)
+    if not len(steps):
         raise MILError(f"{tag}no non-empty bags to train on")
-    weights = torch.tensor(class_weights(ds.y[train_idx], ds.n_classes), dtype=torch.float32, device=device)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
+    if task is None:
+        task = make_task(ds, train_idx, balance=balance)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
     rng = np.random.default_rng(seed)
-    uses_label = bool(getattr(model, "uses_label", False))
+    uses_label = bool(getattr(model, "uses_label", False)) and task.name == "classification"
+    cox = task.name == "survival" and getattr(task, "loss_name", "") == "cox"
+    sample_p = None
+    if balance == "sampler":
+        strata = ds.y[steps]
+        counts = np.bincount(strata)
+        sample_p = 1.0 / counts[strata]
+        sample_p /= sample_p.sum()
     best = {"loss": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
     history = []
     since = 0
+    bs = max(1, int(batch_size))
     for epoch in range(1, epochs + 1):
         model.train()
         t0 = time.monotonic()
-        total = 0.0
-        for i in rng.permutation(steps):
-            x = ds.tensor(int(i), device)
-            target = torch.tensor([int(ds.y[i])], device=device)
-            with _autocast(device):
-                out = model(x, label=target[0]) if uses_label else model(x)
-            loss = loss_fn(out["logits"].float().unsqueeze(0), target)
-            if out.get("aux_loss") is not None:
-                loss = loss + out["aux_loss"].float()
+        total, n_batches = 0.0, 0
+        order = rng.choice(steps, len(steps), replace=True, p=sample_p) if sample_p is not None \
+            else rng.permutation(steps)
+        for b0 in range(0, len(order), bs):
+            batch = [int(i) for i in order[b0:b0 + bs]]
+            outs = []
+            for i in batch:
+                x = _bag(ds, i, device, norm, max_instances, rng)
+                with _autocast(device):
+                    if uses_label:
+                        out = model(x, label=torch.tensor(int(ds.y[i]), device=device))
+                    else:
+                        out = model(x)
+                outs.append(out)
+            terms = [o.get("loss_logits") or [(o["logits"], 1.0)] for o in outs]
+            if cox:
+                if len({len(t) for t in terms}) == 1:
+                    loss = sum(w * task.loss(torch.stack([t[j][0].float() for t in terms]), batch)
+                               for j, (_, w) in enumerate(terms[0]))
+                else:
+                    loss = task.loss(torch.stack([o["logits"].float() for o in outs]), batch)
+            else:
+                loss = sum(sum(w * task.loss(lg.float().unsqueeze(0), [i]) for lg, w in t)
+                           for t, i in zip(terms, batch)) / len(batch)
+            aux = [o["aux_loss"].float() for o in outs if o.get("aux_loss") is not None]
+            if aux:
+                loss = loss + sum(aux) / len(batch)
+            if aem_lambda:
+                ents = [e for e in (_entropy(o) for o in outs) if e is not None]
+                if ents:
+                    loss = loss - float(aem_lambda) * sum(ents) / len(ents)
+            if not loss.requires_grad:
+                continue  # e.g. a Cox batch without an event
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += float(loss.detach())
+            n_batches += 1
         sched.step()
-        train_loss = total / len(steps)
-        _, val_loss = evaluate(model, ds, val_idx, device, loss_fn)
-        improved = val_loss < best["loss"]
+        train_loss = total / max(1, n_batches)
+        _, val_loss = evaluate(model, ds, val_idx, device, task, norm)
+        if val_loss is None or not math.isfinite(val_loss):
+            val_loss = math.inf
+        improved = val_loss < best["loss"] or best["epoch"] == 0
         if improved:
             best = {"loss": val_loss, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
             since = 0
@@ -262,16 +352,25 @@ def fit(model, ds: MILDataset, train_idx: Sequence[int], val_idx: Sequence[int],
 
 # ----------------------------------------------------------------------------------------------- driver
 
-def _pred_frame(ds: MILDataset, idx: Sequence[int], probs: np.ndarray, with_label: bool = True) -> pd.DataFrame:
+def _pred_frame(ds: MILDataset, idx: Sequence[int], pred: np.ndarray, with_label: bool = True) -> pd.DataFrame:
+    idx = [int(i) for i in idx]
     cols: dict[str, Any] = {"slide_id": [ds.slide_ids[i] for i in idx]}
+    if ds.task == "survival":
+        if with_label:
+            cols["time"] = [float(ds.time[i]) for i in idx]
+            cols["event"] = [int(ds.event[i]) for i in idx]
+        cols["risk"] = pred[:, 0]
+        return pd.DataFrame(cols)
     if with_label:
         cols["label"] = [ds.labels[i] for i in idx]
-    if ds.n_classes == 2:
-        cols["prob"] = probs[:, 1]
+    if ds.task == "regression":
+        cols["pred"] = pred[:, 0]
+    elif ds.n_classes == 2:
+        cols["prob"] = pred[:, 1]
     else:
-        cols["pred"] = [ds.classes[k] for k in probs.argmax(axis=1)]
+        cols["pred"] = [ds.classes[k] for k in pred.argmax(axis=1)]
         for c, name in enumerate(ds.classes):
-            cols[f"prob_{name}"] = probs[:, c]
+            cols[f"prob_{name}"] = pred[:, c]
     return pd.DataFrame(cols)
 
 
@@ -281,138 +380,217 @@ def write_csv_atomic(df: pd.DataFrame, path: str | os.PathLike) -> None:
 
 
 def train(bags: Iterable[str | os.PathLike], labels: str | os.PathLike, out_dir: str | os.PathLike, *,
-          model: str = "abmil", folds: int = 5, seed: int = 0, epochs: int = 50, lr: float = 2e-4,
-          weight_decay: float = 1e-4, patience: int = 10, val_fraction: float = 0.2,
-          model_kwargs: dict[str, Any] | None = None, device: str | None = None) -> dict[str, Any]:
-    """Load bags + labels and run :func:`train_dataset`; returns the metrics dict (also in metrics.json)."""
+          model: str = "abmil", folds: int = 5, seed: int = 0, epochs: int = 50, lr: float | None = None,
+          weight_decay: float | None = None, patience: int = 10, val_fraction: float = 0.2,
+          model_kwargs: dict[str, Any] | None = None, device: str | None = None, task: str | None = None,
+          **settings: Any) -> dict[str, Any]:
+    """Load bags + labels and run :func:`train_dataset`; returns the metrics dict (also in metrics.json).
+
+    ``task``: ``None``/``"auto"`` (decided by the labels CSV), ``"classification"``, ``"survival"`` or
+    ``"regression"``; ``settings``: the keyword options of :func:`train_dataset`.
+    """
     bags = [Path(b) for b in bags]
     # Validate the settings before the (possibly slow) bag loading.
     model_kwargs = resolve_model_kwargs(model, **(model_kwargs or {}))
-    _check_settings(folds, epochs, lr, weight_decay, patience, val_fraction)
-    ds = load_dataset(bags, labels)
+    _check_settings(folds, epochs, lr, weight_decay, patience, val_fraction, **settings)
+    ds = load_dataset(bags, labels, task)
     inputs = {"labels": str(labels), "labels_sha256": sha256_file(labels), "bags": [str(b) for b in bags]}
     return train_dataset(ds, out_dir, model=model, folds=folds, seed=seed, epochs=epochs, lr=lr,
                          weight_decay=weight_decay, patience=patience, val_fraction=val_fraction,
-                         model_kwargs=model_kwargs, device=device, inputs=inputs)
+                         model_kwargs=model_kwargs, device=device, inputs=inputs, **settings)
 
 
-def _check_settings(folds, epochs, lr, weight_decay, patience, val_fraction) -> None:
+def _check_settings(folds, epochs, lr, weight_decay, patience, val_fraction, batch_size=None, balance="loss",
+                    max_instances=None, standardize=False, aem_lambda=0.0, survival_loss="nll", n_bins=4,
+                    regression_loss="mse") -> None:
     if folds < 1:
         raise MILError(f"--folds must be >= 1 (got {folds})")
     if epochs < 1:
         raise MILError(f"--epochs must be >= 1 (got {epochs})")
-    if not lr > 0:
+    if lr is not None and not lr > 0:
         raise MILError(f"--lr must be > 0 (got {lr})")
-    if weight_decay < 0:
+    if weight_decay is not None and weight_decay < 0:
         raise MILError(f"--weight-decay must be >= 0 (got {weight_decay})")
     if patience < 1:
         raise MILError(f"--patience must be >= 1 (got {patience})")
     if not 0 < val_fraction < 1:
         raise MILError(f"--val-fraction must be in (0, 1) (got {val_fraction})")
+    if batch_size is not None and batch_size < 1:
+        raise MILError(f"--batch-size must be >= 1 (got {batch_size})")
+    if balance not in BALANCE:
+        raise MILError(f"--balance must be one of {', '.join(BALANCE)} (got {balance!r})")
+    if max_instances is not None and max_instances < 1:
+        raise MILError(f"--max-instances must be >= 1 (got {max_instances})")
+    if aem_lambda < 0:
+        raise MILError(f"--aem-lambda must be >= 0 (got {aem_lambda})")
+    if survival_loss not in SURVIVAL_LOSSES:
+        raise MILError(f"--survival-loss must be one of {', '.join(SURVIVAL_LOSSES)} (got {survival_loss!r})")
+    if regression_loss not in REGRESSION_LOSSES:
+        raise MILError(f"--regression-loss must be one of {', '.join(REGRESSION_LOSSES)} (got {regression_loss!r})")
+    if n_bins < 1:
+        raise MILError(f"--n-bins must be >= 1 (got {n_bins})")
+
+
+def _splits(ds: MILDataset, folds: int, seed: int) -> tuple[str, list[tuple[np.ndarray, np.ndarray]]]:
+    if ds.split is not None:
+        tr = np.flatnonzero(ds.split == "train")
+        te = np.flatnonzero(ds.split == "test")
+        if not len(tr) or not len(te):
+            raise MILError(f"the labels CSV's split column needs both train and test slides "
+                           f"(has {len(tr)} train, {len(te)} test)")
+        if ds.groups is not None:
+            shared = sorted(set(ds.groups[tr]) & set(ds.groups[te]))
+            if shared:
+                raise MILError(f"patient(s) on both sides of the split column: {', '.join(shared[:10])}")
+        return "split", [(tr, te)]
+    if folds == 1:
+        return "single", [(np.arange(len(ds)), np.array([], dtype=np.int64))]
+    return "cv", cv_splits(ds.y, ds.groups, folds, seed)
 
 
 def train_dataset(ds: MILDataset, out_dir: str | os.PathLike, *, model: str = "abmil", folds: int = 5,
-                  seed: int = 0, epochs: int = 50, lr: float = 2e-4, weight_decay: float = 1e-4,
+                  seed: int = 0, epochs: int = 50, lr: float | None = None, weight_decay: float | None = None,
                   patience: int = 10, val_fraction: float = 0.2, model_kwargs: dict[str, Any] | None = None,
-                  device: str | None = None, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Cross-validate (or, with ``folds=1``, train one model) on an in-memory dataset; write the outputs."""
+                  device: str | None = None, inputs: dict[str, Any] | None = None, batch_size: int | None = None,
+                  balance: str = "loss", max_instances: int | None = None, standardize: bool = False,
+                  aem_lambda: float = 0.0, survival_loss: str = "nll", n_bins: int = 4,
+                  regression_loss: str = "mse") -> dict[str, Any]:
+    """Cross-validate (or, with ``folds=1``, train one model; or train/test on the labels' ``split`` column)
+    on an in-memory dataset; write the outputs."""
     import torch
 
-    _check_settings(folds, epochs, lr, weight_decay, patience, val_fraction)
+    settings = dict(batch_size=batch_size, balance=balance, max_instances=max_instances, standardize=standardize,
+                    aem_lambda=aem_lambda, survival_loss=survival_loss, n_bins=n_bins,
+                    regression_loss=regression_loss)
+    _check_settings(folds, epochs, lr, weight_decay, patience, val_fraction, **settings)
     model_kwargs = resolve_model_kwargs(model, **(model_kwargs or {}))
+    defaults = model_defaults(model)
+    lr = float(lr if lr is not None else (defaults.get("lr") or 2e-4))
+    weight_decay = float(weight_decay if weight_decay is not None else
+                         (defaults.get("weight_decay") if defaults.get("weight_decay") is not None else 1e-4))
+    cox = ds.task == "survival" and survival_loss == "cox"
+    if batch_size is None:
+        batch_size = 32 if cox else 1
     dev = pick_device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").unlink(missing_ok=True)  # its presence must mean "this run finished"
-    single = folds == 1
-    if single:
-        splits = [(np.arange(len(ds)), np.array([], dtype=np.int64))]
-    else:
-        splits = cv_splits(ds.y, ds.groups, folds, seed)
-    params = {"model": model, "model_kwargs": model_kwargs, "folds": folds, "seed": seed, "epochs": epochs,
-              "lr": lr, "weight_decay": weight_decay, "patience": patience, "val_fraction": val_fraction,
-              "batch_size": 1, "optimizer": "AdamW", "schedule": "cosine", "loss": "class-weighted cross-entropy",
-              "split": "StratifiedGroupKFold by patient_id" if ds.groups is not None else "StratifiedKFold",
+    mode, splits = _splits(ds, folds, seed)
+    single = mode == "single"
+    loss_desc = {"classification": ("class-weighted cross-entropy" if balance == "loss" else "cross-entropy"),
+                 "survival": ("discrete-time NLL" if survival_loss == "nll" else "Cox partial likelihood"),
+                 "regression": regression_loss.upper()}[ds.task]
+    params = {"model": model, "model_kwargs": model_kwargs, "task": ds.task, "folds": folds, "seed": seed,
+              "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "patience": patience,
+              "val_fraction": val_fraction, "batch_size": int(batch_size), "optimizer": "AdamW",
+              "schedule": "cosine", "loss": loss_desc, "balance": balance, "max_instances": max_instances,
+              "standardize": bool(standardize), "aem_lambda": float(aem_lambda),
+              "split": ("labels CSV split column" if mode == "split" else
+                        "StratifiedGroupKFold by patient_id" if ds.groups is not None else "StratifiedKFold"),
               "device": str(dev)}
-    base = {"model": model, "model_kwargs": model_kwargs, "in_dim": ds.in_dim, "n_classes": ds.n_classes,
-            "classes": ds.classes, "task": "classification", "feature_attrs": ds.feature_attrs}
-    log.info("%d bags, classes %s (counts %s), %s, device %s", len(ds), ds.classes,
-             np.bincount(ds.y, minlength=ds.n_classes).tolist(),
-             "single model" if single else f"{folds}-fold CV", dev)
+    if ds.task == "survival":
+        params["survival_loss"] = survival_loss
+        if survival_loss == "nll":
+            params["n_bins"] = int(n_bins)
+    if ds.task == "regression":
+        params["regression_loss"] = regression_loss
+    base = {"model": model, "model_kwargs": model_kwargs, "in_dim": ds.in_dim, "task": ds.task,
+            "classes": ds.classes, "n_classes": ds.n_classes, "feature_attrs": ds.feature_attrs,
+            "standardize": bool(standardize)}
+    counts = (np.bincount(ds.y, minlength=ds.n_classes).tolist() if ds.task == "classification" else None)
+    log.info("%d bags, task %s%s, %s, device %s", len(ds), ds.task,
+             f", classes {ds.classes} (counts {counts})" if counts else "",
+             {"single": "single model", "split": "train/test split column"}.get(mode, f"{folds}-fold CV"), dev)
     empty = [s for i, s in enumerate(ds.slide_ids) if ds.n_instances(i) == 0]
     if empty:
         log.warning("%d empty bag(s) (no patches) are skipped in training and predicted from the model's prior "
                     "when evaluated: %s", len(empty), ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""))
-    fold_rows, oof_idx, oof_probs = [], [], []
+    keys = METRIC_KEYS[ds.task]
+    fold_rows, oof_idx, oof_pred = [], [], []
     for k, (trval, test) in enumerate(splits):
         tag = f"fold {k + 1}/{len(splits)} "
         fold_seed = seed * 1000 + k
         tr, va = holdout_split(trval, ds.y, ds.groups, val_fraction, fold_seed)
+        task = make_task(ds, tr if ds.task != "survival" else trval, balance=balance,
+                         survival_loss=survival_loss, n_bins=n_bins, regression_loss=regression_loss)
+        norm_np = fold_feature_stats(ds, tr) if standardize else None
+        norm = None if norm_np is None else tuple(torch.from_numpy(a).to(dev) for a in norm_np)
         set_seed(fold_seed)
-        net = create_model(model, ds.in_dim, ds.n_classes, **model_kwargs)
+        net = create_model(model, ds.in_dim, task.n_outputs, task=ds.task, **model_kwargs)
+        if aem_lambda:
+            with torch.no_grad():
+                probe = net.eval()(torch.zeros(2, ds.in_dim))
+            if probe.get("attention") is None:
+                raise MILError(f"--aem-lambda needs an attention model; {model!r} has no attention")
+            net.train()
         info = fit(net, ds, tr, va, epochs=epochs, lr=lr, weight_decay=weight_decay, patience=patience,
-                   seed=fold_seed, device=dev, tag=tag)
+                   seed=fold_seed, device=dev, tag=tag, task=task, batch_size=batch_size, balance=balance,
+                   max_instances=max_instances, norm=norm, aem_lambda=aem_lambda)
         eval_idx = va if single else test
-        probs, _ = evaluate(net, ds, eval_idx, dev)
-        m = compute_metrics(ds.y[eval_idx], probs, ds.n_classes)
-        row = {"fold": k, "n_train": int(len(tr)), "n_val": int(len(va)), "n_test": int(len(test)),
-               "auc": m["auc"], "balanced_accuracy": m["balanced_accuracy"], "accuracy": m["accuracy"],
-               "best_epoch": info["best_epoch"], "best_val_loss": info["best_val_loss"],
-               "epochs_run": info["epochs_run"]}
-        if "auc_note" in m:
-            row["auc_note"] = m["auc_note"]
+        logits, _ = evaluate(net, ds, eval_idx, dev, None, norm)
+        pred = task.predict(logits) if len(eval_idx) else np.zeros((0, len(task.prediction_columns())))
+        m = task.metrics(eval_idx, pred)
+        row = {"fold": k, "n_train": int(len(tr)), "n_val": int(len(va)), "n_test": int(len(test))}
+        row.update({key: m.get(key) for key in keys})
+        row.update({"best_epoch": info["best_epoch"], "best_val_loss": info["best_val_loss"],
+                    "epochs_run": info["epochs_run"]})
+        for note in ("auc_note", "c_index_note"):
+            if note in m:
+                row[note] = m[note]
         if single:
             row["evaluated_on"] = "validation"
         fold_rows.append(row)
         oof_idx.extend(int(i) for i in eval_idx)
-        oof_probs.append(probs)
-        auc_s = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
-        log.info("%sAUC %s balanced_accuracy %.3f accuracy %.3f (best epoch %d)", tag, auc_s,
-                 m["balanced_accuracy"], m["accuracy"], info["best_epoch"])
-        ckpt = {"state_dict": {n: t.detach().cpu() for n, t in net.state_dict().items()},
-                "config": {**base, "fold": k, "best_epoch": info["best_epoch"],
-                           "train_slides": [ds.slide_ids[i] for i in tr],
-                           "val_slides": [ds.slide_ids[i] for i in va],
-                           "test_slides": [ds.slide_ids[i] for i in test]}}
+        oof_pred.append(pred)
+        log.info("%s%s (best epoch %d)", tag, " ".join(
+            f"{key} {'n/a' if m.get(key) is None else format(m[key], '.3f')}" for key in keys), info["best_epoch"])
+        ckpt: dict[str, Any] = {
+            "state_dict": {n: t.detach().cpu() for n, t in net.state_dict().items()},
+            "config": {**base, "fold": k, "n_outputs": task.n_outputs, "task_config": task.config(),
+                       "best_epoch": info["best_epoch"],
+                       "train_slides": [ds.slide_ids[i] for i in tr],
+                       "val_slides": [ds.slide_ids[i] for i in va],
+                       "test_slides": [ds.slide_ids[i] for i in test]}}
+        if norm_np is not None:
+            ckpt["norm"] = {"mean": torch.from_numpy(norm_np[0]), "std": torch.from_numpy(norm_np[1])}
         path = out_dir / f"fold_{k}" / "model.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             torch.save(ckpt, tmp)
 
     order = np.argsort(np.asarray(oof_idx), kind="stable")
-    idx = np.asarray(oof_idx)[order]
-    probs = np.concatenate(oof_probs, axis=0)[order]
-    write_csv_atomic(_pred_frame(ds, idx, probs), out_dir / "predictions.csv")
+    idx = np.asarray(oof_idx, dtype=np.int64)[order]
+    pred = np.concatenate(oof_pred, axis=0)[order]
+    write_csv_atomic(_pred_frame(ds, idx, pred), out_dir / "predictions.csv")
 
-    config = {**base, "mode": "single" if single else "cv",
+    config = {**base, "mode": mode, "n_outputs": int(task.n_outputs),
               "folds": [{"fold": r["fold"], "path": f"fold_{r['fold']}/model.pt"} for r in fold_rows],
               "pipeline_version": __version__, "stage_version": STAGE_VERSIONS.get(STAGE)}
     write_json_atomic(out_dir / "model_config.json", config)
 
     def _mean(key):
-        vals = [r[key] for r in fold_rows if r[key] is not None]
+        vals = [r[key] for r in fold_rows if r.get(key) is not None]
         return float(np.mean(vals)) if vals else None
 
-    metrics = {"folds": fold_rows,
-               "mean": {"auc": _mean("auc"), "balanced_accuracy": _mean("balanced_accuracy"),
-                        "accuracy": _mean("accuracy")},
-               "classes": ds.classes, "task": "classification", "model": model,
-               "mode": "single" if single else "cv"}
+    metrics = {"folds": fold_rows, "mean": {key: _mean(key) for key in keys},
+               "classes": ds.classes, "task": ds.task, "model": model, "mode": mode,
+               "primary_metric": PRIMARY_METRIC[ds.task]}
     if single:
         metrics["note"] = ("--folds 1: one model trained on all bags; metrics and predictions.csv come from its "
                            "internal validation split (also used for early stopping, so they are optimistic)")
-    n_null = sum(r["auc"] is None for r in fold_rows)
+    primary = PRIMARY_METRIC[ds.task]
+    n_null = sum(r.get(primary) is None for r in fold_rows)
     if n_null:
-        metrics["mean"]["auc_note"] = f"mean over {len(fold_rows) - n_null} of {len(fold_rows)} folds (AUC undefined in the others)"
-    if ds.n_classes == 2:
+        metrics["mean"][f"{primary}_note"] = (f"mean over {len(fold_rows) - n_null} of {len(fold_rows)} folds "
+                                              f"({primary} undefined in the others)")
+    if ds.task == "classification" and ds.n_classes == 2:
         metrics["positive_class"] = ds.classes[1]
     metrics["n_bags"] = len(ds)
     metrics["params"] = params
     metrics["provenance"] = provenance(STAGE, params, inputs=inputs or {},
                                        feature_attrs=ds.feature_attrs, n_bags=len(ds))
     write_json_atomic(out_dir / "metrics.json", metrics)
-    mean = metrics["mean"]
-    log.info("mean AUC %s balanced_accuracy %.3f accuracy %.3f -> %s",
-             "n/a" if mean["auc"] is None else f"{mean['auc']:.3f}", mean["balanced_accuracy"], mean["accuracy"],
+    log.info("mean %s -> %s", " ".join(f"{key} {'n/a' if v is None else format(v, '.3f')}"
+                                       for key, v in metrics["mean"].items() if not key.endswith("_note")),
              out_dir / "metrics.json")
     return metrics
