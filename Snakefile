@@ -17,6 +17,14 @@ include: "workflow/rules/features.smk"
 include: "workflow/rules/mil.smk"
 
 
+onsuccess:
+    write_failure_summary()
+
+
+onerror:
+    write_failure_summary()
+
+
 rule all:
     input:
         all_targets(),

@@ -318,7 +318,7 @@ def segment_tissue(slide, params: dict[str, Any] | None = None) -> TissueResult:
                         params=p)
 
 
-def _write_png(path: Path, img: np.ndarray) -> None:
+def write_png(path: Path, img: np.ndarray) -> None:
     if img.ndim == 3:
         img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
     ok, buf = cv2.imencode(".png", img)
@@ -337,8 +337,8 @@ def run_tissue(slide, out_dir: str | os.PathLike, params: dict[str, Any] | None 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = segment_tissue(slide, p)
-    _write_png(out / MASK_FILE, res.mask.astype(np.uint8) * 255)
-    _write_png(out / THUMBNAIL_FILE, res.thumbnail)
+    write_png(out / MASK_FILE, res.mask.astype(np.uint8) * 255)
+    write_png(out / THUMBNAIL_FILE, res.thumbnail)
     write_json_atomic(out / GEOJSON_FILE, polygons_to_geojson(res.polygons))
     record = {
         "slide_id": slide.slide_id,

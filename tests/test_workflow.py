@@ -145,28 +145,67 @@ def test_rerun_scope_follows_the_changed_section(run, root, env_with_venv, chang
     assert set(jobs) - {"all"} == expected, jobs
 
 
-def test_broken_and_blank_slides_with_keep_going(cohort, root, env_with_venv, tmp_path):
+@pytest.fixture(scope="module")
+def broken_folder(cohort, tmp_path_factory):
     from pipeline.synthetic import make_blank_slide, make_slide
 
-    slides = tmp_path / "slides"
+    slides = tmp_path_factory.mktemp("broken") / "slides"
     slides.mkdir()
-    shutil.copy(cohort / "slide_000.tif", slides / "good one.tif")
+    shutil.copy(cohort / "slide_000.tif", slides / "good one é.tif")
     (slides / "empty.svs").write_bytes(b"")
     (slides / "text.tif").write_text("not a slide\n")
     make_slide(slides / "nompp.tif", width=1024, height=768, seed=2, flavour="tiff", write_mpp=False)
     make_blank_slide(slides / "blank.tif", width=1024, height=768, mpp=0.5)
+    return slides
+
+
+BROKEN = (("empty", "empty"), ("text", "cannot open"), ("nompp", "mpp"))
+
+
+def _failures_tsv(results: Path) -> dict[str, list[str]]:
+    lines = (results / "failures.tsv").read_text().splitlines()
+    assert lines[0] == "slide_id\tstage\treason\tpath"
+    return {row.split("\t")[0]: row.split("\t") for row in lines[1:]}
+
+
+def test_broken_slides_skipped_and_reported(broken_folder, root, env_with_venv, tmp_path):
     results = tmp_path / "results"
-    cfg = write_config(tmp_path / "c.yaml", slides, results, None)
+    cfg = write_config(tmp_path / "c.yaml", broken_folder, results, None)  # on_slide_error: skip (default)
+    proc = snakemake(root, env_with_venv, "--configfile", str(cfg))
+    bags = results / "features" / "test_resnet"
+    assert read_bag(bags / "good one é.zarr").n > 0
+    blank = read_bag(bags / "blank.zarr")
+    assert blank.n == 0 and blank.attrs.get("status") != "failed"  # no tissue: a valid empty bag, not an error
+    fails = _failures_tsv(results)
+    assert set(fails) == {name for name, _ in BROKEN}
+    for name, reason in BROKEN:
+        sid, stage, why, path = fails[name]
+        assert stage == "tissue" and reason in why and path.endswith(Path(path).name) and name in path
+        failed = read_bag(bags / f"{name}.zarr")  # explicit failed outputs so the DAG goes on
+        assert failed.n == 0 and failed.attrs["status"] == "failed" and reason in failed.attrs["error"]
+        assert json.loads((results / "grid" / f"{name}.json").read_text())["status"] == "failed"
+        log = (results / "logs" / "tissue" / f"{name}.log").read_text()
+        err = [line for line in log.splitlines() if line.startswith("ERROR")]
+        assert len(err) == 1 and str(broken_folder / name) in err[0] and reason in err[0], log
+    out = proc.stdout + proc.stderr
+    assert "3 slide(s) failed" in out and "nompp [tissue]" in out
+
+
+def test_broken_slides_fail_mode_keeps_going(broken_folder, root, env_with_venv, tmp_path):
+    results = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.yaml", broken_folder, results, None, {"on_slide_error": "fail"})
     proc = snakemake(root, env_with_venv, "--configfile", str(cfg), "--keep-going", check=False)
     assert proc.returncode != 0
     bags = results / "features" / "test_resnet"
-    assert read_bag(bags / "good one.zarr").n > 0
-    assert read_bag(bags / "blank.zarr").n == 0  # no tissue: a valid empty bag, not an error
-    for name, reason in (("empty", "empty"), ("text", "cannot open"), ("nompp", "mpp")):
-        assert not (bags / f"{name}.zarr").exists()
-        log = (results / "logs" / "tissue" / f"{name}.log").read_text()
-        err = [line for line in log.splitlines() if line.startswith("ERROR")]
-        assert len(err) == 1 and str(slides / name) in err[0] and reason in err[0], log
+    good = bags / "good one é.zarr"
+    assert read_bag(good).n > 0 and read_bag(bags / "blank.zarr").n == 0
+    for name, reason in BROKEN:
+        assert not (bags / f"{name}.zarr").exists() and not (results / "grid" / f"{name}.json").exists()
+    assert set(_failures_tsv(results)) == {name for name, _ in BROKEN}
+    # a second run redoes nothing that was finished
+    stamp = (good / "zarr.json").stat().st_mtime_ns
+    snakemake(root, env_with_venv, "--configfile", str(cfg), "--keep-going", check=False)
+    assert (good / "zarr.json").stat().st_mtime_ns == stamp
 
 
 def test_lint_is_clean(cohort, root, env_with_venv, tmp_path):

@@ -80,8 +80,9 @@ def stage_settings(section):
 
 
 def slide_args():
-    """Options every per-slide stage gets for opening the slide and resolving its mpp."""
-    args = f"--reader {config.get('reader', 'auto')}"
+    """Options every per-slide stage gets: opening the slide, resolving its mpp, handling failures."""
+    args = (f"--reader {config.get('reader', 'auto')} --on-error {config.get('on_slide_error', 'skip')} "
+            f"--results-dir '{RESULTS}'")
     if LABELS:
         args += f" --labels '{LABELS}'"
     if config.get("default_mpp") is not None:
@@ -125,3 +126,11 @@ def mil_args():
             "weight_decay": "--weight-decay", "patience": "--patience", "hidden_dim": "--hidden-dim",
             "dropout": "--dropout", "val_fraction": "--val-fraction"}
     return " ".join(f"{flag} {m[k]}" for k, flag in keys.items() if m.get(k) is not None)
+
+
+def write_failure_summary():
+    """End of run: collect per-slide failure records into failures.tsv and print them."""
+    from pipeline.failures import write_summary
+
+    if Path(RESULTS).is_dir():
+        write_summary(RESULTS, list(SLIDES))
