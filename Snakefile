@@ -17,6 +17,10 @@ include: "workflow/rules/features.smk"
 include: "workflow/rules/mil.smk"
 
 
+onstart:
+    lock_results_dir()
+
+
 onsuccess:
     write_failure_summary()
 

@@ -244,3 +244,24 @@ def test_features_cli_uses_the_pinned_weights(cohort, tmp_path):
                  str(tmp_path / "b.zarr"), "--weights-lock", str(lock), "--settings", settings]) == 0
     bag = read_bag(tmp_path / "b.zarr")
     assert bag.attrs["weights"]["sha256"] == sha256_file(wfile) and bag.n > 0
+
+
+def test_second_run_on_same_results_is_refused(cohort, root, env_with_venv, tmp_path):
+    import sys
+
+    results = tmp_path / "results"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.runlock import acquire; "
+                               f"acquire({str(results)!r}); print('held', flush=True); time.sleep(120)"],
+                              cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = write_config(tmp_path / "c.yaml", cohort, results, None)
+        proc = snakemake(root, env_with_venv, "--configfile", str(cfg), check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "another run is already using this results folder" in out
+        assert f"pid {holder.pid}" in out
+        assert not (results / "tissue").exists()  # nothing ran
+        assert planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg)))  # dry runs still work
+    finally:
+        holder.kill()
+        holder.wait()

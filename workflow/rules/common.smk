@@ -134,3 +134,14 @@ def write_failure_summary():
 
     if Path(RESULTS).is_dir():
         write_summary(RESULTS, list(SLIDES))
+
+
+def lock_results_dir():
+    """Refuse to start when another run holds the results folder (see pipeline/runlock.py)."""
+    from pipeline.runlock import RunLockError, acquire
+
+    try:
+        acquire(RESULTS)
+    except RunLockError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1)
