@@ -38,9 +38,10 @@ def _settings(text: str | None) -> dict[str, Any]:
 
 
 def _open(args: argparse.Namespace) -> Slide:
-    rows = read_manifest(args.labels)
-    sid = slide_id_from_path(args.slide)
-    return open_slide(args.slide, reader=args.reader, mpp=manifest_mpp(rows, sid), default_mpp=args.default_mpp)
+    mpp = args.mpp
+    if mpp is None and args.labels:
+        mpp = manifest_mpp(read_manifest(args.labels), slide_id_from_path(args.slide))
+    return open_slide(args.slide, reader=args.reader, mpp=mpp, default_mpp=args.default_mpp)
 
 
 def _failed_tissue(args: argparse.Namespace, reason: str) -> None:
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--slide", required=True, help="slide file")
         p.add_argument("--reader", default="auto", choices=["auto", "openslide", "tiffslide"])
         p.add_argument("--labels", default=None, help="labels/manifest CSV (slide_id[,mpp])")
+        p.add_argument("--mpp", type=float, default=None, help="level-0 µm/px of this slide (overrides metadata)")
         p.add_argument("--default-mpp", type=float, default=None,
                        help="fallback level-0 µm/px for slides without metadata")
         p.add_argument("--settings", default=None, help="the stage's settings as a JSON object")

@@ -123,3 +123,58 @@ def provenance(stage: str, params: dict[str, Any] | None = None, **extra: Any) -
     }
     rec.update(extra)
     return rec
+
+
+def content_fingerprint(path: str | os.PathLike, block: int = 1 << 20, samples: int = 16) -> str:
+    """A content hash of a (possibly huge) file: its size, first and last ``block`` bytes and ``samples``
+    64 KiB blocks spread through it. A replaced slide changes it; touching or copying with a new
+    modification time does not."""
+    p = Path(path)
+    size = p.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(p, "rb") as fh:
+        if size <= 2 * block + samples * 65536:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        else:
+            offsets = [0, size - block] + [int(size * (i + 1) / (samples + 1)) for i in range(samples)]
+            for off in offsets:
+                fh.seek(off)
+                h.update(fh.read(block if off in (0, size - block) else 65536))
+    return h.hexdigest()
+
+
+def fingerprints(paths: dict[str, Path], cache_file: str | os.PathLike | None = None) -> dict[str, str]:
+    """``content_fingerprint`` of many files, cached by (size, mtime, ctime, inode): a file is re-read only
+    when one of these changed (any rewrite changes ctime, which users cannot set)."""
+    cache: dict[str, Any] = {}
+    if cache_file and Path(cache_file).is_file():
+        try:
+            cache = json.loads(Path(cache_file).read_text())
+        except ValueError:
+            cache = {}
+    out, changed = {}, False
+    for key, path in paths.items():
+        try:
+            st = os.stat(path)
+        except OSError:
+            out[key] = "missing"
+            continue
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        hit = cache.get(str(path))
+        if hit and hit.get("stat") == stamp:
+            out[key] = hit["sha256"]
+            continue
+        try:
+            out[key] = content_fingerprint(path)
+        except OSError as exc:
+            out[key] = f"unreadable: {exc.strerror or exc}"
+            continue
+        cache[str(path)] = {"stat": stamp, "sha256": out[key]}
+        changed = True
+    if cache_file and changed:
+        try:
+            write_json_atomic(cache_file, cache)
+        except OSError:
+            pass  # read-only results folder: fingerprints are recomputed next time
+    return out

@@ -265,3 +265,64 @@ def test_second_run_on_same_results_is_refused(cohort, root, env_with_venv, tmp_
     finally:
         holder.kill()
         holder.wait()
+
+
+def _changed_labels(run, cohort, edit) -> Path:
+    import yaml
+
+    rows = (cohort / "labels.csv").read_text().splitlines()
+    new = run["work"] / "labels_changed.csv"
+    new.write_text("\n".join(edit(rows)) + "\n")
+    cfg = yaml.safe_load(run["cfg"].read_text())
+    cfg["labels_csv"] = str(new)
+    out = run["work"] / "labels_changed.yaml"
+    out.write_text(yaml.safe_dump(cfg))
+    return out
+
+
+def test_editing_labels_reruns_only_mil(run, cohort, root, env_with_venv):
+    def flip_first(rows):
+        sid, label, patient = rows[1].split(",")
+        return [rows[0], f"{sid},{1 - int(label)},{patient}", *rows[2:]]
+
+    cfg = _changed_labels(run, cohort, flip_first)
+    jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg)))
+    assert set(jobs) - {"all"} == {"mil_train", "mil_predict"}, jobs
+
+
+def test_manifest_mpp_of_one_slide_reruns_that_slide(run, cohort, root, env_with_venv):
+    def add_mpp(rows):
+        out = [rows[0] + ",mpp"]
+        for i, row in enumerate(rows[1:]):
+            out.append(row + (",0.52" if i == 0 else ","))
+        return out
+
+    cfg = _changed_labels(run, cohort, add_mpp)
+    jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg)))
+    assert {k: v for k, v in jobs.items() if k != "all"} == {
+        "tissue": 1, "grid": 1, "features": 1, "mil_train": 1, "mil_predict": 1}, jobs
+
+
+def test_reruns_follow_slide_content_not_mtime(cohort, root, env_with_venv, tmp_path):
+    import os
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("slide_000.tif", "slide_002.tif"):
+        shutil.copy(cohort / name, slides / name)
+    cfg = write_config(tmp_path / "c.yaml", slides, tmp_path / "results", None)
+    snakemake(root, env_with_venv, "--configfile", str(cfg))
+    # touching (or an rsync that rewrites modification times) reruns nothing
+    for p in slides.iterdir():
+        os.utime(p)
+    assert planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg))) == {}
+    # a different slide under the same name, even with an older modification time, reruns that slide only
+    old = (slides / "slide_002.tif").stat()
+    shutil.copy(cohort / "slide_004.tif", slides / "slide_002.tif")
+    os.utime(slides / "slide_002.tif", ns=(old.st_atime_ns, old.st_mtime_ns - 10**12))
+    proc = snakemake(root, env_with_venv, "-n", "--configfile", str(cfg))
+    assert {k: v for k, v in planned_jobs(proc).items() if k != "all"} == {"tissue": 1, "grid": 1, "features": 1}
+    assert "slide=slide_002" in proc.stdout and "slide=slide_000" not in proc.stdout
+    summary = snakemake(root, env_with_venv, "--summary", "--configfile", str(cfg)).stdout
+    tissue_rows = [line for line in summary.splitlines() if "/tissue/slide_002/tissue.json" in line]
+    assert tissue_rows and "params" in tissue_rows[0], summary[-2000:]

@@ -9,7 +9,8 @@ import yaml
 
 from pipeline import STAGE_VERSIONS
 from pipeline.features.extract import model_tag
-from pipeline.slide import SLIDE_EXTENSIONS, SlideError, discover_slides, read_manifest
+from pipeline.provenance import fingerprints
+from pipeline.slide import SLIDE_EXTENSIONS, SlideError, discover_slides, manifest_mpp, read_manifest
 
 
 def _coerce(cfg, schema):
@@ -66,6 +67,12 @@ if LABELS:
               f"{', '.join(_missing[:10])}{' ...' if len(_missing) > 10 else ''}", file=sys.stderr)
 
 
+# Content fingerprints: a slide replaced by a different file reruns (it is in the tissue rule's params);
+# touching a file does not (the profiles use content, settings and code as rerun triggers, not mtimes).
+CONTENT = fingerprints(SLIDES, Path(RESULTS) / ".fingerprints.json")
+LABELS_CONTENT = fingerprints({"labels": Path(LABELS)})["labels"] if LABELS else None
+
+
 wildcard_constraints:
     slide="[^/]+",
 
@@ -79,12 +86,17 @@ def stage_settings(section):
     return json.dumps(config.get(section) or {}, sort_keys=True)
 
 
-def slide_args():
-    """Options every per-slide stage gets: opening the slide, resolving its mpp, handling failures."""
+def slide_args(wildcards):
+    """Options every per-slide stage gets: reader, the slide's manifest mpp (if any), failure handling.
+    Per slide, so that changing one slide's mpp in the labels CSV reruns that slide only."""
     args = (f"--reader {config.get('reader', 'auto')} --on-error {config.get('on_slide_error', 'skip')} "
             f"--results-dir '{RESULTS}'")
-    if LABELS:
-        args += f" --labels '{LABELS}'"
+    try:
+        mpp = manifest_mpp(MANIFEST, wildcards.slide)
+    except SlideError as exc:
+        raise ValueError(f"{LABELS}: {exc}") from None
+    if mpp is not None:
+        args += f" --mpp {mpp}"
     if config.get("default_mpp") is not None:
         args += f" --default-mpp {config['default_mpp']}"
     return args
@@ -99,10 +111,6 @@ def weights_lock():
     if (config.get("features") or {}).get("pretrained"):
         return [f"{RESULTS}/weights/{WEIGHTS_NAME}.lock.json"]
     return []
-
-
-def labels_input():
-    return [LABELS] if LABELS else []
 
 
 def bag(slide):

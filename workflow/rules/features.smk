@@ -21,14 +21,13 @@ rule features:
     into place when complete; an interrupted job resumes from its last finished chunk)."""
     input:
         slide=slide_path,
-        labels=labels_input(),
         grid=rules.grid.output[0],
         weights_lock=weights_lock(),
     output:
         directory(f"{RESULTS}/features/{TAG}/{{slide}}.zarr"),
     params:
         settings=stage_settings("features"),
-        slide_args=slide_args(),
+        slide_args=slide_args,
         lock=lambda wildcards, input: f"--weights-lock '{input.weights_lock}'" if input.weights_lock else "",
         version=STAGE_VERSIONS["features"],
     conda:

@@ -2,14 +2,13 @@ rule grid:
     """Patch grid at grid.target_mpp µm/px from the tissue mask, with the read plan."""
     input:
         slide=slide_path,
-        labels=labels_input(),
         tissue=rules.tissue.output.stats,
         mask=rules.tissue.output.mask,
     output:
         f"{RESULTS}/grid/{{slide}}.json",
     params:
         settings=stage_settings("grid"),
-        slide_args=slide_args(),
+        slide_args=slide_args,
         version=STAGE_VERSIONS["grid"],
     conda:
         "../../envs/pipeline.yaml"

@@ -2,7 +2,7 @@ rule mil_train:
     """k-fold cross-validated MIL training on the cached bags of the labelled slides."""
     input:
         bags=[bag(s) for s in MIL_SLIDES],
-        labels=labels_input(),
+        labels=LABELS or [],
     output:
         metrics=f"{RESULTS}/mil/{TAG}/{{mil_model}}/metrics.json",
         oof=f"{RESULTS}/mil/{TAG}/{{mil_model}}/predictions.csv",
@@ -10,6 +10,7 @@ rule mil_train:
     params:
         settings=stage_settings("mil"),
         args=mil_args(),
+        labels=LABELS_CONTENT,
         version=STAGE_VERSIONS["mil"],
     conda:
         "../../envs/pipeline.yaml"
@@ -34,6 +35,7 @@ rule mil_predict:
         predictions=f"{RESULTS}/mil/{TAG}/{{mil_model}}/predictions_all.csv",
         attention=directory(f"{RESULTS}/mil/{TAG}/{{mil_model}}/attention"),
     params:
+        labels=LABELS_CONTENT,
         version=STAGE_VERSIONS["mil"],
     conda:
         "../../envs/pipeline.yaml"

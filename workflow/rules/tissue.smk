@@ -2,7 +2,6 @@ rule tissue:
     """Tissue segmentation of one slide: mask, thumbnail with contour, GeoJSON, stats (written last)."""
     input:
         slide=slide_path,
-        labels=labels_input(),
     output:
         mask=f"{RESULTS}/tissue/{{slide}}/mask.png",
         thumbnail=f"{RESULTS}/tissue/{{slide}}/thumbnail.png",
@@ -10,7 +9,8 @@ rule tissue:
         stats=f"{RESULTS}/tissue/{{slide}}/tissue.json",
     params:
         settings=stage_settings("tissue"),
-        slide_args=slide_args(),
+        content=lambda wildcards: CONTENT[wildcards.slide],
+        slide_args=slide_args,
         version=STAGE_VERSIONS["tissue"],
     conda:
         "../../envs/pipeline.yaml"
