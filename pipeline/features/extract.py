@@ -1,11 +1,12 @@
 """Feature extraction: the patches of one slide's grid through an encoder into a Zarr bag.
 
 Patches are read in runs of adjacent patches (one region read per run, via the direct tiled-JPEG
-decoder where the file allows it) and resized by reader threads, each with its own slide handle; JPEG
-decoding and resizing release the GIL, so threads scale without any pickling or inter-process copies.
-uint8 arrays are handed to the device (pinned memory, asynchronous copy on CUDA); conversion to float,
-normalisation and the model run on the device
-(CUDA with bf16 autocast when available, CPU otherwise) under ``torch.inference_mode``. Features are
+decoder where the file allows it) and resized by reader threads that share one slide handle and one
+decoded-tile cache; JPEG decoding and resizing release the GIL, so threads scale without any pickling or
+inter-process copies. uint8 arrays are handed to the device (pinned memory, asynchronous copy on CUDA);
+conversion to float, normalisation and the model run on the device (CUDA with bf16 autocast when
+available, CPU otherwise) under ``torch.inference_mode``. The next slide's readers start while the
+current slide is being encoded (:func:`extract_slides`). Features are
 written chunk by chunk into a partial bag (:class:`pipeline.store.BagWriter`), so memory does not
 grow with slide size and a killed job resumes from its last finished chunk.
 """
