@@ -30,6 +30,8 @@ SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", "
 #: a thumbnail). Anything outside is treated as missing metadata.
 MPP_RANGE = (0.05, 20.0)
 READERS = ("auto", "openslide", "tiffslide")
+#: Characters Snakemake gives a meaning to in paths (wildcards, path variables), refused in slide ids.
+UNSUPPORTED_ID_CHARS = "{}<>"
 
 
 class SlideError(RuntimeError):
@@ -335,6 +337,10 @@ def discover_slides(slides_dir: str | os.PathLike, extensions: tuple[str, ...] =
         if p.name.startswith(".") or not p.is_file() or not p.name.lower().endswith(exts):
             continue
         sid = slide_id_from_path(p)
+        bad = sorted(set(sid) & set(UNSUPPORTED_ID_CHARS))
+        if bad:
+            raise SlideError(p, f"slide id {sid!r} contains {' '.join(bad)}, which workflow paths cannot hold "
+                                "(rename the file; spaces and non-ASCII letters are fine)")
         if sid in found:
             raise SlideError(p, f"duplicate slide id {sid!r}: also {found[sid]} (rename one of them)")
         found[sid] = p

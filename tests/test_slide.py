@@ -97,6 +97,10 @@ def test_discover_and_duplicate_ids(tmp_path):
         discover_slides(tmp_path)
     assert "y.svs" in str(exc.value) and "y.tiff" in str(exc.value)
     assert slide_id_from_path("/a/b/c.ome.tif") == "c.ome"
+    (tmp_path / "y.svs").unlink()
+    (tmp_path / "a <b>.svs").write_bytes(b"1")
+    with pytest.raises(SlideError, match="rename the file"):
+        discover_slides(tmp_path)
 
 
 def test_manifest(tmp_path):

@@ -69,7 +69,7 @@ def test_dry_run_lists_every_stage(cohort, root, env_with_venv, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", cohort, tmp_path / "r", cohort / "labels.csv")
     jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg)))
     n = len(list(cohort.glob("slide_*")))
-    assert jobs == {"tissue": n, "grid": n, "features": n, "mil_train": 1, "mil_predict": 1, "all": 1}
+    assert jobs == {"tissue": n, "grid": n, "features": n, "mil_train": 1, "mil_predict": 1, "report": 1, "all": 1}
     # without labels: features only, no training
     cfg = write_config(tmp_path / "c2.yaml", cohort, tmp_path / "r", None)
     jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg)))
@@ -120,6 +120,8 @@ def test_end_to_end_outputs(run, cohort):
         assert np.array_equal(np.array([[int(r["x"]), int(r["y"])] for r in att]).reshape(-1, 2), bag.coords)
     for stage in ("tissue", "grid"):
         assert len(list((results / "logs" / stage).glob("*.log"))) == len(slides)
+    html = (results / "report" / "index.html").read_text()
+    assert all(s in html for s in slides) and "<svg" in html
 
 
 def test_nothing_to_do_on_rerun(run, root, env_with_venv):
@@ -128,10 +130,10 @@ def test_nothing_to_do_on_rerun(run, root, env_with_venv):
 
 
 @pytest.mark.parametrize("change, expected", [
-    ({"tissue": {"seg_mpp": 16.0}}, {"tissue", "grid", "features", "mil_train", "mil_predict"}),
-    ({"grid": {"min_tissue_fraction": 0.5}}, {"grid", "features", "mil_train", "mil_predict"}),
-    ({"features": {"seed": 3}}, {"features", "mil_train", "mil_predict"}),
-    ({"mil": {"epochs": 9}}, {"mil_train", "mil_predict"}),
+    ({"tissue": {"seg_mpp": 16.0}}, {"tissue", "grid", "features", "mil_train", "mil_predict", "report"}),
+    ({"grid": {"min_tissue_fraction": 0.5}}, {"grid", "features", "mil_train", "mil_predict", "report"}),
+    ({"features": {"seed": 3}}, {"features", "mil_train", "mil_predict", "report"}),
+    ({"mil": {"epochs": 9}}, {"mil_train", "mil_predict", "report"}),
 ])
 def test_rerun_scope_follows_the_changed_section(run, root, env_with_venv, change, expected):
     import yaml
@@ -287,7 +289,7 @@ def test_editing_labels_reruns_only_mil(run, cohort, root, env_with_venv):
 
     cfg = _changed_labels(run, cohort, flip_first)
     jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg)))
-    assert set(jobs) - {"all"} == {"mil_train", "mil_predict"}, jobs
+    assert set(jobs) - {"all"} == {"mil_train", "mil_predict", "report"}, jobs
 
 
 def test_manifest_mpp_of_one_slide_reruns_that_slide(run, cohort, root, env_with_venv):
@@ -300,7 +302,7 @@ def test_manifest_mpp_of_one_slide_reruns_that_slide(run, cohort, root, env_with
     cfg = _changed_labels(run, cohort, add_mpp)
     jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg)))
     assert {k: v for k, v in jobs.items() if k != "all"} == {
-        "tissue": 1, "grid": 1, "features": 1, "mil_train": 1, "mil_predict": 1}, jobs
+        "tissue": 1, "grid": 1, "features": 1, "mil_train": 1, "mil_predict": 1, "report": 1}, jobs
 
 
 def test_reruns_follow_slide_content_not_mtime(cohort, root, env_with_venv, tmp_path):
@@ -321,7 +323,8 @@ def test_reruns_follow_slide_content_not_mtime(cohort, root, env_with_venv, tmp_
     shutil.copy(cohort / "slide_004.tif", slides / "slide_002.tif")
     os.utime(slides / "slide_002.tif", ns=(old.st_atime_ns, old.st_mtime_ns - 10**12))
     proc = snakemake(root, env_with_venv, "-n", "--configfile", str(cfg))
-    assert {k: v for k, v in planned_jobs(proc).items() if k != "all"} == {"tissue": 1, "grid": 1, "features": 1}
+    assert {k: v for k, v in planned_jobs(proc).items() if k != "all"} == {"tissue": 1, "grid": 1, "features": 1,
+                                                                           "report": 1}
     assert "slide=slide_002" in proc.stdout and "slide=slide_000" not in proc.stdout
     summary = snakemake(root, env_with_venv, "--summary", "--configfile", str(cfg)).stdout
     tissue_rows = [line for line in summary.splitlines() if "/tissue/slide_002/tissue.json" in line]

@@ -124,6 +124,7 @@ def all_targets():
     if MIL_SLIDES:
         m = config["mil"]["model"]
         targets += [f"{RESULTS}/mil/{TAG}/{m}/metrics.json", f"{RESULTS}/mil/{TAG}/{m}/predictions_all.csv"]
+    targets.append(f"{RESULTS}/report/index.html")
     return targets
 
 

@@ -5,7 +5,7 @@ from pipeline.report import REPORT_VERSION
 rule report:
     """Cohort QC report (one self-contained HTML file) built from the cached outputs: per-slide thumbnail
     with the tissue contour and patch grid, mpp and its source, tissue area, patches, bag status, recorded
-    failures (failures.tsv), MIL metrics with ROC curves, links to heatmaps."""
+    failures, MIL metrics with ROC curves, links to heatmaps. Include after mil.smk (and heatmap.smk)."""
     input:
         tissue=[f"{RESULTS}/tissue/{s}/tissue.json" for s in SLIDES],
         grids=[f"{RESULTS}/grid/{s}.json" for s in SLIDES],
@@ -13,6 +13,8 @@ rule report:
         mil=[f"{RESULTS}/mil/{TAG}/{config['mil']['model']}/{f}" for f in ("metrics.json", "predictions.csv")]
         if MIL_SLIDES
         else [],
+        # heatmap PNGs (linked from the report) when heatmap.smk is included before this file
+        heatmaps=[t for t in heatmap_targets() if t.endswith(".png")] if "heatmap_targets" in globals() else [],
     output:
         f"{RESULTS}/report/index.html",
     params:
