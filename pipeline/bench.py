@@ -164,9 +164,14 @@ def bench_extract(slides: list[str], model: str, target_mpp: float, size: int, b
     t0 = time.perf_counter()
     extract_slides(jobs, p, encoder=enc, log=open(os.devnull, "w"))
     dt = time.perf_counter() - t0
+    import resource
+
     out = {"mode": "extract", "slides": slides, "model": model, "size": size, "batch_size": batch_size,
            "device": str(dev), "workers": workers, "patches": n, "seconds": round(dt, 2),
-           "patches_per_s": round(n / dt, 2), "machine": machine()}
+           "patches_per_s": round(n / dt, 2),
+           # peak resident memory of this process so far (Linux reports KiB)
+           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+           "machine": machine()}
     if compare_model:
         m = bench_model(model, size, batch_size, device, seconds=min(max(dt / 2, 5.0), 30.0), encoder=enc)
         out["model_patches_per_s"] = m["patches_per_s"]

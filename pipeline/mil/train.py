@@ -75,12 +75,31 @@ def _autocast(device):
 
 # ----------------------------------------------------------------------------------------------- splits
 
+_SPLIT_TRIES = 32  # shuffles of StratifiedGroupKFold compared for the best-stratified grouped split
+
+
+def _imbalance(y: np.ndarray, tests: Sequence[np.ndarray]) -> float:
+    """How far the class counts of the test parts are from proportional (0 = perfectly stratified); a part
+    missing a class that it could hold costs extra."""
+    classes, totals = np.unique(y, return_counts=True)
+    k = len(tests)
+    cost = 0.0
+    for te in tests:
+        counts = np.array([(y[te] == c).sum() for c in classes], dtype=np.float64)
+        expected = totals * len(te) / len(y)
+        cost += float(((counts - expected) ** 2).sum())
+        cost += 10.0 * float(((counts == 0) & (totals >= k)).sum())
+    return cost
+
+
 def cv_splits(y: Sequence[int], groups: Sequence[Any] | None = None, n_folds: int = 5,
               seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """``n_folds`` (train_idx, test_idx) pairs, stratified by ``y`` and grouped by ``groups`` if given.
 
-    Uses ``StratifiedGroupKFold`` with groups (no group is split across train and test), else
-    ``StratifiedKFold``; both shuffled with ``seed``.
+    With groups: ``StratifiedGroupKFold`` (no group is split across train and test); its greedy assignment
+    can stratify poorly on small cohorts, so several seeded shuffles are compared and the best-stratified
+    one is kept (deterministic for a given ``seed``). Without groups: ``StratifiedKFold`` shuffled with
+    ``seed``.
     """
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
@@ -96,8 +115,18 @@ def cv_splits(y: Sequence[int], groups: Sequence[Any] | None = None, n_folds: in
         warnings.simplefilter("ignore", UserWarning)  # "least populated class has only k members"
         try:
             if groups is not None:
-                splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-                splits = list(splitter.split(X, y, np.asarray(groups)))
+                g = np.asarray(groups)
+                best, best_cost = None, math.inf
+                for t in range(_SPLIT_TRIES):
+                    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed * 7919 + t)
+                    cand = list(splitter.split(X, y, g))
+                    if any(len(te) == 0 for _, te in cand):
+                        continue
+                    cost = _imbalance(y, [te for _, te in cand])
+                    if cost < best_cost - 1e-9:
+                        best, best_cost = cand, cost
+                splits = best if best is not None else list(
+                    StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(X, y, g))
             else:
                 splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
                 splits = list(splitter.split(X, y))
@@ -114,7 +143,8 @@ def holdout_split(idx: Sequence[int], y: Sequence[int], groups: Sequence[Any] | 
                   val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Split dataset indices ``idx`` into (train, val) with about ``val_fraction`` in val.
 
-    Stratified by ``y`` and grouped by ``groups`` (both indexed by dataset index, like ``idx``).
+    Stratified by ``y`` and grouped by ``groups`` (both indexed by dataset index, like ``idx``); among
+    several seeded candidates the one closest to ``val_fraction`` with the best class balance is kept.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -133,13 +163,22 @@ def holdout_split(idx: Sequence[int], y: Sequence[int], groups: Sequence[Any] | 
     n_splits = min(max(2, int(round(1.0 / val_fraction))), n_units, int(counts.max()))
     tr = va = None
     if n_splits >= 2:
+        yy = y[idx]
+        best_cost = math.inf
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            try:
-                splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-                tr, va = next(iter(splitter.split(np.zeros((len(idx), 1)), y[idx], g)))
-            except ValueError:
-                tr = va = None
+            for t in range(_SPLIT_TRIES if groups is not None else 1):
+                try:
+                    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed * 7919 + t)
+                    cands = list(splitter.split(np.zeros((len(idx), 1)), yy, g))
+                except ValueError:
+                    continue
+                for ctr, cva in cands:  # any fold can be the validation part
+                    if len(ctr) == 0 or len(cva) == 0:
+                        continue
+                    cost = _imbalance(yy, [cva]) + (len(cva) - val_fraction * len(idx)) ** 2
+                    if cost < best_cost - 1e-9:
+                        tr, va, best_cost = ctr, cva, cost
     if tr is None or len(tr) == 0 or len(va) == 0:
         units = np.array(sorted(set(g.tolist())), dtype=object)
         rng = np.random.default_rng(seed)
