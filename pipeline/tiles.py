@@ -38,7 +38,7 @@ class TiledJpegReader:
     """Region reader over the JPEG tile pages of one TIFF file, indexed like the slide's levels."""
 
     def __init__(self, path: str | os.PathLike, level_dimensions: list[tuple[int, int]],
-                 cache_bytes: int = 384 << 20):
+                 cache_bytes: int | None = None):
         import threading
 
         import tifffile
@@ -65,6 +65,11 @@ class TiledJpegReader:
                                               "RGB" if p.photometric == RGB else "YCBCR")
                     break
         self.cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        if cache_bytes is None:
+            # Patch rows overlap tile rows: keeping ~3 rows of tiles of the widest level decoded is enough
+            # for row-major grids. Bounded by the slide's width, not its area (32-512 MiB).
+            widest = max((L.ntx * L.tw * L.th * 3 for L in self.levels.values()), default=0)
+            cache_bytes = min(max(3 * widest, 32 << 20), 512 << 20)
         self.cache_bytes = cache_bytes
         self._cached_bytes = 0
         self._fd: int | None = None

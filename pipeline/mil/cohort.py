@@ -36,7 +36,7 @@ from ..store import Bag, BagError, open_bag
 from . import MILError
 from .data import check_compatible, resolve_bag_paths
 
-__all__ = ["CohortView", "cohort_view", "feature_stats", "export_table"]
+__all__ = ["CohortView", "cohort_view", "feature_stats", "safe_std", "export_table"]
 
 
 def _da():
@@ -135,11 +135,21 @@ def cohort_view(source: str | os.PathLike | Iterable[str | os.PathLike]) -> Coho
     return CohortView(ordered, fa)
 
 
+def safe_std(std: np.ndarray, min_std: float = 1e-6, rel: float = 1e-2) -> np.ndarray:
+    """Standard deviations for standardisation: dimensions that are (nearly) constant, with a standard
+    deviation below ``min_std`` or below ``rel`` times the median one, get 1 so that standardising only
+    centres them (dividing float16 rounding noise by a tiny deviation would blow it up)."""
+    std = np.asarray(std, dtype=np.float64).copy()
+    med = float(np.median(std)) if std.size else 0.0
+    std[std < max(min_std, rel * med)] = 1.0
+    return std
+
+
 def feature_stats(view: CohortView, slide_ids: Iterable[str] | None = None,
                   min_std: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and standard deviation ``(D,)`` float32 over the rows of ``slide_ids`` (all slides
-    if None), computed out of core with dask (float64 accumulation, one pass per chunk). Dimensions with a
-    standard deviation below ``min_std`` get 1 (standardisation then only centres them)."""
+    if None), computed out of core with dask (float64 accumulation, one pass per chunk). (Nearly) constant
+    dimensions get a standard deviation of 1 (:func:`safe_std`)."""
     import dask
 
     sub = view if slide_ids is None else view.select(slide_ids)
@@ -149,8 +159,7 @@ def feature_stats(view: CohortView, slide_ids: Iterable[str] | None = None,
     x64 = x.astype(np.float64)
     mean, sq = dask.compute(x64.mean(axis=0), (x64 ** 2).mean(axis=0), scheduler="threads")
     var = np.maximum(sq - mean ** 2, 0.0)
-    std = np.sqrt(var)
-    std[std < min_std] = 1.0
+    std = safe_std(np.sqrt(var), min_std)
     return mean.astype(np.float32), std.astype(np.float32)
 
 

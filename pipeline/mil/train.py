@@ -232,9 +232,10 @@ def fold_feature_stats(ds: MILDataset, idx: Sequence[int]) -> tuple[np.ndarray, 
         n += x.shape[0]
     if n == 0:
         raise MILError("feature statistics need at least one patch; the training bags are all empty")
+    from .cohort import safe_std
+
     mean = s1 / n
-    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
-    std[std < 1e-6] = 1.0
+    std = safe_std(np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0)))
     return mean.astype(np.float32), std.astype(np.float32)
 
 
