@@ -78,7 +78,8 @@ class CLAM(nn.Module):
             return None
         return total / len(self.instance_classifiers) if self.subtyping else total
 
-    def forward(self, features: torch.Tensor, label: torch.Tensor | int | None = None) -> dict[str, torch.Tensor | None]:
+    def forward(self, features: torch.Tensor,
+                label: torch.Tensor | int | None = None) -> dict[str, torch.Tensor | None]:
         features = as_bag(features, self.in_dim, "CLAM")
         h = self.embed(features)
         n = h.shape[0]
