@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo
 CORES ?= 2
 
-.PHONY: venv demo test lint clean-demo
+.PHONY: venv demo test test-slurm lint clean-demo
 
 venv: $(STAMP)
 
@@ -29,6 +29,11 @@ demo: venv
 
 test: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Real single-node SLURM on this machine (installs Debian packages, starts munge/slurmctld/slurmd).
+test-slurm: venv
+	.ci/slurm-setup.sh
+	WSIPIPE_REQUIRE_SLURM=1 PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests/test_slurm.py
 
 lint: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --lint --config slides_dir=tests results_dir=/tmp/wsipipe-lint
