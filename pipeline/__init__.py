@@ -9,6 +9,8 @@ STAGE_VERSIONS = {
     "grid": 1,
     "features": 1,
     "mil": 1,
+    "report": 1,
+    "preflight": 1,
 }
 
 __all__ = ["__version__", "STAGE_VERSIONS"]

@@ -118,7 +118,8 @@ def _failed_bag(args: argparse.Namespace, reason: str, stage: str = "features") 
 
     from . import __version__
     from .features import create_encoder
-    from .features.extract import merge_params, model_tag
+    from .features.extract import merge_params
+    from .store import model_tag
     from .provenance import provenance
     from .store import write_bag
 

@@ -26,7 +26,6 @@ from typing import Any, Iterable
 
 from .provenance import provenance, write_json_atomic
 
-PREFLIGHT_VERSION = 1
 NOTE = ("Model-only throughput: the estimate assumes reading and decoding patches keeps up with the model "
         "(check with `python -m pipeline.bench extract` on one slide; on CPU-only machines or slow storage "
         "reading can be the bottleneck). Slides already extracted are counted too.")
@@ -176,7 +175,7 @@ def estimate(results_dir: str | os.PathLike, slides: Iterable[str] | None, model
         "bench": bench, "slides": rows, "n_slides": len(rows),
         "n_missing": sum(r["patches"] is None for r in rows), "total_patches": int(total),
         "total_seconds": total_s, "total_human": human_seconds(total_s), "note": NOTE,
-        "provenance": provenance("preflight", params, preflight_version=PREFLIGHT_VERSION),
+        "provenance": provenance("preflight", params),
     }
 
 

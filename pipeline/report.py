@@ -30,11 +30,8 @@ from urllib.parse import quote
 
 import numpy as np
 
-from . import __version__
+from . import STAGE_VERSIONS, __version__
 from .provenance import atomic_path
-
-#: Bump when a change alters the report's content (the Snakemake rule reruns on a change).
-REPORT_VERSION = 1
 
 FAILURES_FILE = "failures.tsv"
 #: Longest side of the overview image embedded per slide (pixels).
@@ -639,7 +636,7 @@ def build_report(results_dir: str | os.PathLike, out_html: str | os.PathLike, sl
              f"<h1>{esc(title)}</h1>",
              f'<p class="note">Results folder <code>{esc(results)}</code>'
              f"{' · features ' + esc(tag) if tag else ''} · generated {esc(now)} · wsipipe {esc(__version__)} "
-             f"(report v{REPORT_VERSION})</p>"]
+             f"(report v{STAGE_VERSIONS['report']})</p>"]
     # banners
     if n_random:
         parts.append(f'<div class="banner warn"><b>Random encoder weights:</b> {n_random} of {n_bags} feature bag(s) '

@@ -58,6 +58,12 @@ def _zarr():
     return zarr
 
 
+def model_tag(features_params: dict[str, Any]) -> str:
+    """Folder name of a cohort's bags under ``features/``: ``features.tag`` or the model name."""
+    tag = features_params.get("tag") or features_params.get("model") or "resnet50_trunc"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(tag))
+
+
 def bag_path(features_dir: str | os.PathLike, slide_id: str) -> Path:
     return Path(features_dir) / f"{slide_id}.zarr"
 

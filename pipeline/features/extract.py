@@ -28,7 +28,7 @@ import torch
 from .. import __version__
 from ..provenance import provenance, sha256_file
 from ..slide import Slide, SlideError, open_slide
-from ..store import SCHEMA_VERSION, BagWriter
+from ..store import SCHEMA_VERSION, BagWriter, model_tag
 from .encoders import Encoder, create_encoder
 
 DEFAULTS: dict[str, Any] = {
@@ -53,11 +53,6 @@ def merge_params(params: dict[str, Any] | None) -> dict[str, Any]:
     if int(out["batch_size"]) < 1:
         raise ValueError("features.batch_size must be >= 1")
     return out
-
-
-def model_tag(params: dict[str, Any]) -> str:
-    tag = params.get("tag") or params.get("model") or DEFAULTS["model"]
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(tag))
 
 
 def resolve_device(name: str) -> torch.device:

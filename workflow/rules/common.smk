@@ -8,8 +8,8 @@ import jsonschema
 import yaml
 
 from pipeline import STAGE_VERSIONS
-from pipeline.features.extract import model_tag
 from pipeline.provenance import fingerprints
+from pipeline.store import model_tag
 from pipeline.slide import SLIDE_EXTENSIONS, SlideError, discover_slides, manifest_mpp, read_manifest
 
 

@@ -1,5 +1,3 @@
-from pipeline.preflight import PREFLIGHT_VERSION
-from pipeline.report import REPORT_VERSION
 
 
 rule report:
@@ -22,7 +20,7 @@ rule report:
         tag=TAG,
         mil=f"--mil-model {config['mil']['model']}" if MIL_SLIDES else "",
         slides=sorted(SLIDES),
-        version=REPORT_VERSION,
+        version=STAGE_VERSIONS["report"],
     log:
         f"{RESULTS}/logs/report/report.log",
     localrule: True
@@ -46,7 +44,7 @@ rule preflight:
         batch_size=int((config.get("features") or {}).get("batch_size", 64)),
         device=(config.get("features") or {}).get("device", "auto"),
         slides=sorted(SLIDES),
-        version=PREFLIGHT_VERSION,
+        version=STAGE_VERSIONS["preflight"],
     log:
         f"{RESULTS}/logs/preflight/preflight.log",
     conda:
