@@ -15,6 +15,7 @@ include: "workflow/rules/tissue.smk"
 include: "workflow/rules/grid.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/mil.smk"
+include: "workflow/rules/heatmap.smk"
 include: "workflow/rules/report.smk"
 
 

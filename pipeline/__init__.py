@@ -9,6 +9,7 @@ STAGE_VERSIONS = {
     "grid": 1,
     "features": 1,
     "mil": 1,
+    "heatmap": 1,
     "report": 1,
     "preflight": 1,
 }

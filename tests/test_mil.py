@@ -326,3 +326,24 @@ def test_cli_user_errors(tmp_path, capsys):
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and str(missing) in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_failed_slide_bags_are_left_out_and_named(tmp_path, caplog):
+    """Bags written for broken slides (on_slide_error: skip) are skipped by training and prediction."""
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        write_toy_bag(tmp_path / "bags" / f"b{i}.zarr", rng.normal(size=(5, 8)) + (i % 2))
+    write_bag(tmp_path / "bags" / "broken.zarr", np.zeros((0, 8), np.float32), np.zeros((0, 2), np.int32),
+              bag_attrs("broken", status="failed", stage="tissue", error="file is empty (0 bytes)",
+                        target_mpp=None, weights=None))
+    (tmp_path / "labels.csv").write_text("slide_id,label\n" + "".join(f"b{i},{i % 2}\n" for i in range(6))
+                                         + "broken,1\n")
+    with caplog.at_level("WARNING", logger="pipeline.mil"):
+        ds = load_dataset([tmp_path / "bags"], tmp_path / "labels.csv")
+    assert "broken" not in ds.slide_ids and len(ds.slide_ids) == 6
+    assert "broken (tissue: file is empty (0 bytes))" in caplog.text
+    train([tmp_path / "bags"], tmp_path / "labels.csv", tmp_path / "run", folds=2, epochs=2, patience=2,
+          model_kwargs=FAST)
+    assert main(["predict", "--model-dir", str(tmp_path / "run"), "--bags", str(tmp_path / "bags"),
+                 "--out", str(tmp_path / "p.csv")]) == 0
+    assert "broken" not in (tmp_path / "p.csv").read_text()

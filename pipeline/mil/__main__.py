@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline.mil {train,predict,export,models} ...``.
+"""Command line: ``python -m pipeline.mil {train,predict,compare,export,models} ...``.
 
 Expected user errors (missing or malformed files, incompatible bags, bad settings) print one line
 ``error: ...`` to stderr and exit with code 2.
@@ -26,6 +26,42 @@ def _model_arg(text: str) -> tuple[str, object]:
     except ValueError:
         parsed = {"True": True, "False": False, "None": None}.get(value, value)
     return key, parsed
+
+
+def compare_runs(runs: list[str]) -> str:
+    """Markdown table: one row per run (model, task, mode, bags, mean metrics +- s.d. over folds)."""
+    from pathlib import Path
+
+    rows, keys = [], []
+    for r in runs:
+        path = Path(r) / "metrics.json"
+        try:
+            m = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise MILError(f"{path}: not found (training did not finish here)") from None
+        except ValueError as exc:
+            raise MILError(f"{path}: unreadable ({exc})") from None
+        for k in m.get("mean", {}):
+            if not k.endswith("_note") and k not in keys:
+                keys.append(k)
+        rows.append((r, m))
+    out = ["| run | model | task | mode | bags | " + " | ".join(keys) + " |", "|---" * (5 + len(keys)) + "|"]
+    for r, m in rows:
+        cells = []
+        for k in keys:
+            vals = [f.get(k) for f in m.get("folds", []) if f.get(k) is not None]
+            mean = m.get("mean", {}).get(k)
+            if mean is None:
+                cells.append("n/a")
+            elif len(vals) > 1:
+                import statistics
+
+                cells.append(f"{mean:.3f} ± {statistics.pstdev(vals):.3f}")
+            else:
+                cells.append(f"{mean:.3f}")
+        out.append(f"| {r} | {m.get('model')} | {m.get('task')} | {m.get('mode')} | {m.get('n_bags')} | "
+                   + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write {slide_id}.csv with x,y and the per-patch attention and/or instance scores")
     r.add_argument("--device", default=None)
 
+    c = sub.add_parser("compare", help="one table of the mean metrics of several finished training runs")
+    c.add_argument("runs", nargs="+", metavar="DIR", help="`train --out` folders")
+
     e = sub.add_parser("export", help="one cohort feature table from a bag folder (written chunk by chunk)")
     e.add_argument("--bags", nargs="+", required=True, metavar="PATH")
     e.add_argument("--out", required=True, metavar="TABLE", help="*.zarr (Zarr v3 group) or *.csv")
@@ -125,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             from .predict import predict
 
             predict(args.model_dir, args.bags, args.out, attention_dir=args.attention_dir, device=args.device)
+        elif args.cmd == "compare":
+            print(compare_runs(args.runs))
         elif args.cmd == "export":
             from .cohort import export_table
 

@@ -303,13 +303,22 @@ class MILDataset:
 
 
 def open_bags(paths: Iterable[str | os.PathLike]) -> dict[str, Bag]:
-    """Open the bags lazily (attributes only), keyed by slide id; duplicate slide ids are an error."""
+    """Open the bags lazily (attributes only), keyed by slide id; duplicate slide ids are an error.
+
+    Bags marked ``status: failed`` (written for broken slides under ``on_slide_error: skip``) are left
+    out, each named with the stage and reason it failed."""
     out: dict[str, Bag] = {}
+    left_out = []
     for p in resolve_bag_paths(paths):
         bag = open_bag(p)
+        if bag.attrs.get("status") == "failed":
+            left_out.append(f"{bag.slide_id} ({bag.attrs.get('stage', '?')}: {bag.attrs.get('error', '?')})")
+            continue
         if bag.slide_id in out:
             raise MILError(f"slide {bag.slide_id!r} has two bags: {out[bag.slide_id].path} and {p}")
         out[bag.slide_id] = bag
+    if left_out:
+        log.warning("left out %d failed slide(s): %s", len(left_out), "; ".join(left_out))
     return out
 
 

@@ -124,6 +124,7 @@ def all_targets():
     if MIL_SLIDES:
         m = config["mil"]["model"]
         targets += [f"{RESULTS}/mil/{TAG}/{m}/metrics.json", f"{RESULTS}/mil/{TAG}/{m}/predictions_all.csv"]
+        targets += heatmap_targets()
     targets.append(f"{RESULTS}/report/index.html")
     return targets
 
@@ -154,3 +155,11 @@ def lock_results_dir():
     except RunLockError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1)
+
+
+def heatmap_targets(mil_model=None):
+    """PNG + GeoJSON heatmap of every slide for the configured MIL model (none without labels)."""
+    if not MIL_SLIDES:
+        return []
+    m = mil_model or config["mil"]["model"]
+    return [f"{RESULTS}/heatmaps/{TAG}/{m}/{s}.{ext}" for s in SLIDES for ext in ("png", "geojson")]

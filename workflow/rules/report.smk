@@ -12,7 +12,7 @@ rule report:
         if MIL_SLIDES
         else [],
         # heatmap PNGs (linked from the report) when heatmap.smk is included before this file
-        heatmaps=[t for t in heatmap_targets() if t.endswith(".png")] if "heatmap_targets" in globals() else [],
+        heatmaps=[t for t in heatmap_targets() if t.endswith(".png")],
     output:
         f"{RESULTS}/report/index.html",
     params:

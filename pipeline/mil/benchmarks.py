@@ -1,0 +1,305 @@
+"""Benchmarks: the algorithmic unit tests of Raff & Holt (NeurIPS 2023) and the MNIST-bags protocol of
+Ilse et al. (ICML 2018), on small synthetic / bundled data, CPU-friendly.
+
+``python -m pipeline.mil.benchmarks unit-tests [--models ...] [--seeds 0 1 2] [--json OUT]``
+``python -m pipeline.mil.benchmarks mnist-bags [--models ...] [--bag-sizes 10 50 100] [--train-bags 50 100 200]``
+
+Both print a Markdown table (the tables in ``docs/mil.md`` come from here) and can write JSON.
+
+Algorithmic unit tests (after Raff & Holt 2023; the concrete distributions are ours). Instances are
+``dim``-dimensional; background instances are ``N(0, I)``, a "concept" instance is background plus
+``strength`` times a fixed unit direction (concepts A and B, and a "poison" direction P, mutually
+orthogonal). Bags have 8-16 background instances plus their concept / poison instances, so that
+the number of background instances carries no information. Each test has a training set, an i.i.d. test set (same
+distribution) and a shifted test set in which only something that the MIL assumption says must not matter
+changes. A model passes when its shifted-test AUC is at least 0.5 and within 0.1 of its i.i.d. AUC.
+Protocol: 100 training bags (80 for training, 20 held out for early stopping), 200 i.i.d. and 200 shifted
+test bags, ``dim=16``, each model with its paper defaults (architecture, learning rate, weight decay),
+AdamW with a cosine schedule, at most 100 epochs with early-stopping patience 20.
+
+* ``single_concept`` (standard MIL: positive iff A is present). Training / i.i.d.: positive bags hold 1-2 A
+  instances; every negative bag holds one poison instance P. Shifted: the poison moves to the positive
+  bags (negatives are background only). A model that learned "P present => negative" (i.e. "P absent =>
+  positive", which the standard MIL assumption forbids: only the presence of positive instances can make a
+  bag positive) collapses.
+* ``multi_concept`` (threshold MIL: positive iff both A and B are present). Training / i.i.d.: positives
+  hold 1-2 A and 1-2 B; negatives hold A only, B only or neither, plus one poison instance. Shifted: the
+  poison moves to the positive bags.
+* ``false_frequency`` (threshold MIL, no poison). Training / i.i.d.: positives hold exactly one A and one B;
+  negatives hold one concept only, repeated 3-6 times, so "many concept instances" is a spurious negative
+  cue. Shifted: positives hold 3-6 A and 3-6 B, negatives a single A or B. A model that counts instead of
+  testing for the presence of both concepts flips.
+
+MNIST-bags (Ilse et al. 2018) built from scikit-learn's bundled 8x8 digits (1,797 images, about 180 per
+digit): instances are digit images (64 pixel values / 16); a bag is positive iff it contains at least one
+``9``; bag sizes are Gaussian (mean 10, 50 or 100 with standard deviation 2, 10 or 20, at least 2);
+training and test bags are drawn from disjoint halves of the images (stratified by digit). Unlike Ilse et
+al. (random bags, so that most large bags are positive) half the bags are positive: a negative bag draws
+from the non-9 images, a positive bag draws from all images and gets one of its images replaced by a 9 if
+it has none. The models see the raw pixels through their own instance embedding (Ilse et al. use a LeNet
+feature extractor trained end to end). Test set: 500 bags. The metric is the test AUC. Training: the given
+number of bags (80 % for training, 20 % held out for early stopping), paper defaults, at most 50 epochs with
+patience 10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import MILError, create_model, list_models, model_defaults
+from .data import MILDataset
+from .train import evaluate, fit, holdout_split, make_task, pick_device, set_seed
+
+log = logging.getLogger("pipeline.mil")
+
+UNIT_TESTS = ("single_concept", "multi_concept", "false_frequency")
+#: Models compared in the docs (``abmil_plain`` is an alias of ``abmil``).
+BENCH_MODELS = ("mean", "max", "instance_max", "abmil", "abmil_gated", "clam_sb", "clam_mb", "transmil",
+                "dsmil", "acmil")
+
+
+def memory_dataset(bags: Sequence[np.ndarray], y: Sequence[int], prefix: str = "bag") -> MILDataset:
+    """An in-memory binary MIL dataset from instance arrays (no bag files)."""
+    y = np.asarray(y, dtype=np.int64)
+    d = int(bags[0].shape[1])
+    return MILDataset(slide_ids=[f"{prefix}{i:05d}" for i in range(len(bags))],
+                      features=[np.asarray(b, dtype=np.float32) for b in bags],
+                      coords=[np.zeros((len(b), 2), dtype=np.int32) for b in bags],
+                      labels=[int(v) for v in y], y=y, classes=[0, 1],
+                      feature_attrs={"model": "synthetic", "weights": "none", "target_mpp": 1.0,
+                                     "patch_size_px": 1, "feature_dim": d})
+
+
+def auc(y: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(np.asarray(y), np.asarray(score)))
+
+
+# ------------------------------------------------------------------------------------------ Raff & Holt
+
+def _directions(dim: int) -> np.ndarray:
+    """Three fixed orthonormal directions (A, B, poison), the same for every seed and split."""
+    q, _ = np.linalg.qr(np.random.default_rng(20231027).normal(size=(dim, 3)))
+    return q.T
+
+
+def unit_test_bags(test: str, split: str, n_bags: int, seed: int, dim: int = 16, strength: float = 4.0,
+                   poison_strength: float = 5.0) -> tuple[list[np.ndarray], np.ndarray]:
+    """Bags and labels of one split (``train``, ``iid`` or ``shifted``) of a unit test (module docstring)."""
+    if test not in UNIT_TESTS:
+        raise MILError(f"unknown unit test {test!r} (known: {', '.join(UNIT_TESTS)})")
+    if split not in ("train", "iid", "shifted"):
+        raise MILError(f"unknown split {split!r}")
+    salt = {"train": 1, "iid": 2, "shifted": 3}[split] * 1000 + UNIT_TESTS.index(test)
+    rng = np.random.default_rng([int(seed), salt])
+    A, B, P = _directions(dim)
+    shifted = split == "shifted"
+    bags, labels = [], []
+    for i in range(n_bags):
+        y = i % 2
+        special: list[np.ndarray] = []
+        if test == "single_concept":
+            if y:
+                special += [strength * A] * int(rng.integers(1, 3))
+                if shifted:
+                    special.append(poison_strength * P)
+            elif not shifted:
+                special.append(poison_strength * P)
+        elif test == "multi_concept":
+            if y:
+                special += [strength * A] * int(rng.integers(1, 3)) + [strength * B] * int(rng.integers(1, 3))
+                if shifted:
+                    special.append(poison_strength * P)
+            else:
+                kind = int(rng.integers(0, 3))  # A only, B only, neither
+                if kind < 2:
+                    special += [strength * (A if kind == 0 else B)] * int(rng.integers(1, 3))
+                if not shifted:
+                    special.append(poison_strength * P)
+        else:  # false_frequency
+            many = lambda: int(rng.integers(3, 7))  # noqa: E731
+            if y:
+                special += ([strength * A] * many() + [strength * B] * many()) if shifted else [strength * A,
+                                                                                            strength * B]
+            else:
+                c = A if rng.integers(0, 2) == 0 else B
+                special += [strength * c] * (1 if shifted else many())
+        n_bg = int(rng.integers(8, 17))  # background count independent of the label and the split
+        n = n_bg + len(special)
+        x = rng.normal(size=(n, dim))
+        pos = rng.choice(n, len(special), replace=False)
+        for p, v in zip(pos, special):
+            x[p] += v
+        bags.append(x.astype(np.float32))
+        labels.append(y)
+    return bags, np.array(labels, dtype=np.int64)
+
+
+def _fit_binary(model: str, train: MILDataset, seed: int, epochs: int, patience: int, lr: float | None,
+                model_kwargs: dict[str, Any] | None, device) -> Any:
+    idx = np.arange(len(train))
+    tr, va = holdout_split(idx, train.y, None, 0.2, seed)
+    set_seed(seed)
+    net = create_model(model, train.in_dim, 2, **(model_kwargs or {}))
+    d = model_defaults(model)
+    fit(net, train, tr, va, epochs=epochs, lr=float(lr or d["lr"] or 2e-4),
+        weight_decay=float(d["weight_decay"] if d["weight_decay"] is not None else 1e-4), patience=patience,
+        seed=seed, device=device, task=make_task(train, tr))
+    return net
+
+
+def _scores(net, ds: MILDataset, device) -> np.ndarray:
+    logits, _ = evaluate(net, ds, np.arange(len(ds)), device)
+    return logits[:, 1] - logits[:, 0]
+
+
+def run_unit_test(model: str, test: str, seed: int = 0, n_train: int = 100, n_test: int = 200, epochs: int = 100,
+                  patience: int = 20, lr: float | None = None, model_kwargs: dict[str, Any] | None = None,
+                  device: str | None = "cpu", dim: int = 16) -> dict[str, Any]:
+    """Train ``model`` on a unit test's training bags; AUC on the i.i.d. and the shifted test bags."""
+    dev = pick_device(device)
+    train = memory_dataset(*unit_test_bags(test, "train", n_train, seed, dim))
+    net = _fit_binary(model, train, seed, epochs, patience, lr, model_kwargs, dev)
+    out = {"model": model, "test": test, "seed": seed}
+    for split in ("iid", "shifted"):
+        ds = memory_dataset(*unit_test_bags(test, split, n_test, seed, dim))
+        out[f"auc_{split}"] = auc(ds.y, _scores(net, ds, dev))
+    out["passed"] = bool(out["auc_shifted"] >= 0.5 and abs(out["auc_shifted"] - out["auc_iid"]) <= 0.1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ MNIST-bags
+
+def _digit_pools(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = (d.data / 16.0).astype(np.float32)
+    xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=0.5, stratify=d.target, random_state=seed)
+    return {"train": (xtr, ytr), "test": (xte, yte)}
+
+
+def mnist_bags(pool: tuple[np.ndarray, np.ndarray], n_bags: int, mean_size: float, std_size: float, seed: int,
+               target: int = 9) -> tuple[list[np.ndarray], np.ndarray]:
+    """Balanced MNIST-style bags from a digit pool (module docstring)."""
+    x, digits = pool
+    rng = np.random.default_rng(seed)
+    is_t = digits == target
+    non_t, t_idx = np.flatnonzero(~is_t), np.flatnonzero(is_t)
+    bags, labels = [], []
+    for i in range(n_bags):
+        y = i % 2
+        n = max(2, int(round(rng.normal(mean_size, std_size))))
+        if y:
+            idx = rng.choice(len(x), n, replace=True)
+            if not is_t[idx].any():
+                idx[rng.integers(0, n)] = rng.choice(t_idx)
+        else:
+            idx = rng.choice(non_t, n, replace=True)
+        bags.append(x[idx])
+        labels.append(y)
+    order = rng.permutation(n_bags)
+    return [bags[i] for i in order], np.array(labels, dtype=np.int64)[order]
+
+
+SIZE_STD = {10: 2.0, 50: 10.0, 100: 20.0}
+
+
+def run_mnist_bags(model: str, n_train: int = 200, mean_size: int = 10, seed: int = 0, n_test: int = 500,
+                   epochs: int = 50, patience: int = 10, lr: float | None = None,
+                   model_kwargs: dict[str, Any] | None = None, device: str | None = "cpu") -> dict[str, Any]:
+    """Train on ``n_train`` MNIST-bags of mean size ``mean_size``; AUC on ``n_test`` bags from unseen digits."""
+    dev = pick_device(device)
+    pools = _digit_pools(seed)
+    std = SIZE_STD.get(int(mean_size), mean_size / 5.0)
+    train = memory_dataset(*mnist_bags(pools["train"], n_train, mean_size, std, seed * 7 + 1))
+    test = memory_dataset(*mnist_bags(pools["test"], n_test, mean_size, std, seed * 7 + 2))
+    t0 = time.monotonic()
+    net = _fit_binary(model, train, seed, epochs, patience, lr, model_kwargs, dev)
+    return {"model": model, "n_train": n_train, "mean_size": mean_size, "seed": seed,
+            "auc": auc(test.y, _scores(net, test, dev)), "seconds": round(time.monotonic() - t0, 1)}
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def _markdown(rows: list[list[str]], header: list[str]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.mil.benchmarks", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    u = sub.add_parser("unit-tests", help="Raff & Holt algorithmic unit tests")
+    u.add_argument("--tests", nargs="+", default=list(UNIT_TESTS), choices=UNIT_TESTS)
+    m = sub.add_parser("mnist-bags", help="MNIST-bags (scikit-learn digits)")
+    m.add_argument("--bag-sizes", nargs="+", type=int, default=[10, 50, 100])
+    m.add_argument("--train-bags", nargs="+", type=int, default=[50, 100, 200])
+    for p in (u, m):
+        p.add_argument("--models", nargs="+", default=list(BENCH_MODELS))
+        p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+        p.add_argument("--epochs", type=int, default=None)
+        p.add_argument("--threads", type=int, default=1,
+                       help="torch CPU threads (default 1: these models are too small to gain from more)")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--json", default=None, metavar="OUT", help="also write the raw results as JSON")
+    args = ap.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unknown = [x for x in args.models if x not in list_models()]
+    if unknown:
+        print(f"error: unknown model(s) {unknown}; available: {', '.join(list_models())}", file=sys.stderr)
+        return 2
+    results: list[dict[str, Any]] = []
+    if args.cmd == "unit-tests":
+        rows = []
+        for model in args.models:
+            row = [f"`{model}`"]
+            for test in args.tests:
+                rs = [run_unit_test(model, test, seed=s, epochs=args.epochs or 100, device=args.device)
+                      for s in args.seeds]
+                results += rs
+                iid = float(np.mean([r["auc_iid"] for r in rs]))
+                sh = float(np.mean([r["auc_shifted"] for r in rs]))
+                npass = sum(r["passed"] for r in rs)
+                verdict = "pass" if npass == len(rs) else ("fail" if npass == 0 else f"{npass}/{len(rs)} pass")
+                row.append(f"{iid:.2f} / {sh:.2f} **{verdict}**")
+                print(f"{model} {test}: iid {iid:.3f} shifted {sh:.3f} {verdict}", file=sys.stderr, flush=True)
+            rows.append(row)
+        print(_markdown(rows, ["model"] + [f"{t} (i.i.d. / shifted AUC)" for t in args.tests]))
+    else:
+        header = ["model"] + [f"size {b}, {n} bags" for b in args.bag_sizes for n in args.train_bags]
+        rows = []
+        for model in args.models:
+            row = [f"`{model}`"]
+            for b in args.bag_sizes:
+                for n in args.train_bags:
+                    rs = [run_mnist_bags(model, n_train=n, mean_size=b, seed=s, epochs=args.epochs or 50,
+                                         device=args.device) for s in args.seeds]
+                    results += rs
+                    a = np.array([r["auc"] for r in rs])
+                    row.append(f"{a.mean():.3f} ± {a.std():.3f}")
+                    print(f"{model} size {b} bags {n}: AUC {a.mean():.3f} ± {a.std():.3f} "
+                          f"({sum(r['seconds'] for r in rs):.0f}s)", file=sys.stderr, flush=True)
+            rows.append(row)
+        print(_markdown(rows, header))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
