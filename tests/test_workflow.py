@@ -69,7 +69,8 @@ def test_dry_run_lists_every_stage(cohort, root, env_with_venv, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", cohort, tmp_path / "r", cohort / "labels.csv")
     jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg)))
     n = len(list(cohort.glob("slide_*")))
-    assert jobs == {"tissue": n, "grid": n, "features": n, "mil_train": 1, "mil_predict": 1, "report": 1, "all": 1}
+    assert jobs == {"tissue": n, "grid": n, "features": n, "mil_train": 1, "mil_predict": 1, "heatmap": n,
+                    "report": 1, "all": 1}
     # without labels: features only, no training
     cfg = write_config(tmp_path / "c2.yaml", cohort, tmp_path / "r", None)
     jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg)))
@@ -120,6 +121,10 @@ def test_end_to_end_outputs(run, cohort):
         assert np.array_equal(np.array([[int(r["x"]), int(r["y"])] for r in att]).reshape(-1, 2), bag.coords)
     for stage in ("tissue", "grid"):
         assert len(list((results / "logs" / stage).glob("*.log"))) == len(slides)
+    for s in slides:
+        assert (results / "heatmaps" / "test_resnet" / "abmil" / f"{s}.png").is_file()
+        gj = json.loads((results / "heatmaps" / "test_resnet" / "abmil" / f"{s}.geojson").read_text())
+        assert len(gj["features"]) == read_bag(results / "features" / "test_resnet" / f"{s}.zarr").n
     html = (results / "report" / "index.html").read_text()
     assert all(s in html for s in slides) and "<svg" in html
 
@@ -130,10 +135,10 @@ def test_nothing_to_do_on_rerun(run, root, env_with_venv):
 
 
 @pytest.mark.parametrize("change, expected", [
-    ({"tissue": {"seg_mpp": 16.0}}, {"tissue", "grid", "features", "mil_train", "mil_predict", "report"}),
-    ({"grid": {"min_tissue_fraction": 0.5}}, {"grid", "features", "mil_train", "mil_predict", "report"}),
-    ({"features": {"seed": 3}}, {"features", "mil_train", "mil_predict", "report"}),
-    ({"mil": {"epochs": 9}}, {"mil_train", "mil_predict", "report"}),
+    ({"tissue": {"seg_mpp": 16.0}}, {"tissue", "grid", "features", "mil_train", "mil_predict", "heatmap", "report"}),
+    ({"grid": {"min_tissue_fraction": 0.5}}, {"grid", "features", "mil_train", "mil_predict", "heatmap", "report"}),
+    ({"features": {"seed": 3}}, {"features", "mil_train", "mil_predict", "heatmap", "report"}),
+    ({"mil": {"epochs": 9}}, {"mil_train", "mil_predict", "heatmap", "report"}),
 ])
 def test_rerun_scope_follows_the_changed_section(run, root, env_with_venv, change, expected):
     import yaml
@@ -269,6 +274,10 @@ def test_second_run_on_same_results_is_refused(cohort, root, env_with_venv, tmp_
         holder.wait()
 
 
+def rows_of(cohort: Path) -> list[str]:
+    return (cohort / "labels.csv").read_text().splitlines()[1:]
+
+
 def _changed_labels(run, cohort, edit) -> Path:
     import yaml
 
@@ -289,7 +298,7 @@ def test_editing_labels_reruns_only_mil(run, cohort, root, env_with_venv):
 
     cfg = _changed_labels(run, cohort, flip_first)
     jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg)))
-    assert set(jobs) - {"all"} == {"mil_train", "mil_predict", "report"}, jobs
+    assert set(jobs) - {"all"} == {"mil_train", "mil_predict", "heatmap", "report"}, jobs
 
 
 def test_manifest_mpp_of_one_slide_reruns_that_slide(run, cohort, root, env_with_venv):
@@ -302,7 +311,8 @@ def test_manifest_mpp_of_one_slide_reruns_that_slide(run, cohort, root, env_with
     cfg = _changed_labels(run, cohort, add_mpp)
     jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg)))
     assert {k: v for k, v in jobs.items() if k != "all"} == {
-        "tissue": 1, "grid": 1, "features": 1, "mil_train": 1, "mil_predict": 1, "report": 1}, jobs
+        "tissue": 1, "grid": 1, "features": 1, "mil_train": 1, "mil_predict": 1, "heatmap": len(rows_of(cohort)),
+        "report": 1}, jobs
 
 
 def test_reruns_follow_slide_content_not_mtime(cohort, root, env_with_venv, tmp_path):
