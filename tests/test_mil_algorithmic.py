@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.mil.benchmarks import (UNIT_TESTS, _digit_pools, _directions, mnist_bags, run_mnist_bags,
                                      run_unit_test, unit_test_bags)
@@ -37,12 +36,7 @@ CASES = [(m, "single_concept") for m in MODELS] + [
     (m, t) for m in ("mean", "instance_max", "abmil", "clam_sb") for t in ("multi_concept", "false_frequency")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _counts(bags, direction, strength):

@@ -64,6 +64,15 @@ def test_feature_stats_out_of_core(bags):
         feature_stats(view, ["b"])
 
 
+def test_failed_slide_placeholders_left_out(bags, caplog):
+    folder, _ = bags
+    write_bag(folder / "broken.zarr", np.zeros((0, 5), np.float16), np.zeros((0, 2), np.int32),
+              _attrs("broken", status="failed", stage="tissue", error="unreadable", target_mpp=None, weights=None))
+    with caplog.at_level("WARNING", logger="pipeline.mil"):
+        view = cohort_view(folder)
+    assert "broken" not in view.slide_ids and "broken" in caplog.text
+
+
 def test_mixed_feature_settings_refused(bags, tmp_path):
     folder, _ = bags
     write_bag(folder / "odd.zarr", np.zeros((2, 5), np.float16), np.zeros((2, 2), np.int32),

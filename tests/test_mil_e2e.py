@@ -14,7 +14,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from pipeline.mil.__main__ import main as mil_main
 from pipeline.mil.train import train
@@ -25,12 +24,7 @@ MODEL_KWARGS = {"transmil": {"dim": 128, "heads": 4, "num_landmarks": 32}}
 N_SLIDES = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

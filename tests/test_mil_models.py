@@ -15,12 +15,7 @@ ATTENTION = {"abmil", "abmil_gated", "abmil_plain", "clam_sb", "clam_mb", "trans
 TASKS = [("classification", 2), ("classification", 3), ("survival", 4), ("survival", 1), ("regression", 1)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _call(net, x, label=None):

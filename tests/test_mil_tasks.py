@@ -24,12 +24,7 @@ from pipeline.store import write_bag
 FAST = {"hidden_dim": 32, "attn_dim": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _attrs(sid, dim):

@@ -78,25 +78,39 @@ def state_dict_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def load_weights_file(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
-    """Load a local weights file into ``model`` strictly (classifier heads are ignored)."""
-    from ..provenance import sha256_file
-
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file or a torch checkpoint (``state_dict``/``model``/``teacher``
+    wrappers unwrapped, ``module.``/``backbone.`` prefixes removed). The format is sniffed, not taken
+    from the suffix (hub cache blobs have none)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file does not exist")
-    if path.suffix == ".safetensors":
+    with open(path, "rb") as fh:
+        head = fh.read(10)
+    is_zip_or_pickle = head[:2] == b"PK" or head[:1] == b"\x80"
+    if path.suffix == ".safetensors" or (not is_zip_or_pickle and len(head) >= 9 and head[8:9] == b"{"):
         from safetensors.torch import load_file
 
-        sd = load_file(str(path))
+        sd: Any = load_file(str(path))
     else:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
         for key in ("state_dict", "model", "teacher"):
             if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
                 sd = sd[key]
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: not a state dict")
-    sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
+    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
+
+
+def load_weights_file(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Load a local weights file into ``model`` strictly (classifier heads are ignored)."""
+    from ..provenance import sha256_file
+
+    path = Path(path)
+    sd = read_state_dict(path)
     head = {k for k in sd if k.startswith(("fc.", "head.", "classifier.", "head_dist."))}
     missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if k not in head}, strict=False)
     if missing or unexpected:

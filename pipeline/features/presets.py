@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, register_encoder, timm_encoder
+from .encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, read_state_dict, register_encoder, timm_encoder
 
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
@@ -232,32 +232,6 @@ class AttnPoolTower(nn.Module):
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from a safetensors file or a torch checkpoint (``state_dict``/``model``/``teacher``
-    wrappers unwrapped, ``module.``/``backbone.`` prefixes removed). The format is sniffed, not taken
-    from the suffix (hub cache blobs have none)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file does not exist")
-    with open(path, "rb") as fh:
-        head = fh.read(10)
-    is_zip_or_pickle = head[:2] == b"PK" or head[:1] == b"\x80"
-    if path.suffix == ".safetensors" or (not is_zip_or_pickle and len(head) >= 9 and head[8:9] == b"{"):
-        from safetensors.torch import load_file
-
-        sd: Any = load_file(str(path))
-    else:
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model", "teacher"):
-            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: not a state dict")
-    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
 
 
 def _resample_pos_embed(sd: dict[str, torch.Tensor], key: str, vit: nn.Module) -> None:
