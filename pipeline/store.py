@@ -207,3 +207,11 @@ def list_bags(features_dir: str | os.PathLike) -> list[Path]:
 def iter_bags(features_dir: str | os.PathLike) -> Iterator[Bag]:
     for p in list_bags(features_dir):
         yield read_bag(p)
+
+
+def cohort_view(source, *args: Any, **kwargs: Any):
+    """Lazy dask view over all bags of one ``model_tag`` (features concatenated with a slide index);
+    see :func:`pipeline.mil.cohort.cohort_view`."""
+    from .mil.cohort import cohort_view as _cohort_view
+
+    return _cohort_view(source, *args, **kwargs)
