@@ -209,9 +209,12 @@ def iter_bags(features_dir: str | os.PathLike) -> Iterator[Bag]:
         yield read_bag(p)
 
 
-def cohort_view(source, *args: Any, **kwargs: Any):
-    """Lazy dask view over all bags of one ``model_tag`` (features concatenated with a slide index);
-    see :func:`pipeline.mil.cohort.cohort_view`."""
-    from .mil.cohort import cohort_view as _cohort_view
 
-    return _cohort_view(source, *args, **kwargs)
+def __getattr__(name: str) -> Any:
+    """``pipeline.store.cohort_view`` / ``export_table``: the cohort's lazy dask view over all bags of one
+    ``model_tag`` and its table export, defined in :mod:`pipeline.mil.cohort` (imported on first use)."""
+    if name in ("cohort_view", "export_table"):
+        from .mil import cohort
+
+        return getattr(cohort, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
