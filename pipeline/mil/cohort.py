@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -33,11 +32,9 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from ..store import Bag, BagError, open_bag
+from ..store import Bag, BagError
 from . import MILError
-from .data import check_compatible, resolve_bag_paths
-
-log = logging.getLogger("pipeline.mil")
+from .data import check_compatible, open_bags
 
 __all__ = ["CohortView", "cohort_view", "feature_stats", "safe_std", "export_table"]
 
@@ -124,19 +121,7 @@ def cohort_view(source: str | os.PathLike | Iterable[str | os.PathLike]) -> Coho
     """Open every bag of a feature folder (or of a list of bag paths / folders) as one lazy view."""
     if isinstance(source, (str, os.PathLike)):
         source = [source]
-    paths = resolve_bag_paths(source)
-    bags: dict[str, Bag] = {}
-    failed = []
-    for p in paths:
-        b = open_bag(p)
-        if b.attrs.get("status") == "failed":  # placeholder bag of a broken slide (on_slide_error: skip)
-            failed.append(b.slide_id)
-            continue
-        if b.slide_id in bags:
-            raise MILError(f"slide {b.slide_id!r} has two bags: {bags[b.slide_id].path} and {p}")
-        bags[b.slide_id] = b
-    if failed:
-        log.warning("cohort view: left out %d failed slide(s): %s", len(failed), ", ".join(failed[:10]))
+    bags = open_bags(source)  # duplicate slide ids refused; failed-slide bags left out, named
     if not bags:
         raise BagError(f"no bags found in {', '.join(str(s) for s in source)}")
     ordered = [bags[s] for s in sorted(bags)]
