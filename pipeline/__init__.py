@@ -8,7 +8,7 @@ STAGE_VERSIONS = {
     "tissue": 1,
     "grid": 1,
     "features": 1,
-    "mil": 1,
+    "mil": 2,  # 2: model zoo, abmil = plain attention (abmil_gated = gated), class weighting fixed
     "heatmap": 1,
     "report": 1,
     "preflight": 1,
