@@ -21,6 +21,7 @@ include: "workflow/rules/report.smk"
 
 onstart:
     lock_results_dir()
+    write_cohort_lists()
 
 
 onsuccess:

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .features.encoders import IMAGENET_MEAN, IMAGENET_STD
-from .features.extract import (Prefetcher, RunReader, embed_batch, extract_slides, merge_params, plan_runs,
+from .features.catalog import IMAGENET_MEAN, IMAGENET_STD
+from .features.extract import (Prefetcher, RunReader, embed_batch, extract_slides, plan_runs, resolve_settings,
                                resolve_device)
 from .grid import make_grid
 from .slide import open_slide
@@ -148,7 +148,7 @@ def bench_extract(slides: list[str], model: str, target_mpp: float, size: int, b
     best of each is kept, so intermittent background load does not bias the ratio."""
     from .features import create_encoder
 
-    p = merge_params({"model": model, "batch_size": batch_size, "num_workers": workers, "device": device})
+    p = resolve_settings({"model": model, "batch_size": batch_size, "num_workers": workers, "device": device})
     dev = resolve_device(device)
     enc = create_encoder(model, input_size=size)
     enc.model.to(dev)

@@ -10,24 +10,25 @@ and MIL training go on; with ``fail`` the job fails.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from .provenance import atomic_path, write_json_atomic
+from .files import atomic_path, one_line, read_json_or_none, write_json_atomic
+from .layout import Layout
 
 STAGES = ("tissue", "grid", "features")
 
 
 def record_path(results_dir: str | os.PathLike, slide_id: str) -> Path:
-    return Path(results_dir) / "failures" / f"{slide_id}.json"
+    return Path(Layout(results_dir).failure_record(slide_id))
 
 
-def one_line(text: str, limit: int = 400) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def upstream_failure(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The failure recorded in an upstream stage's JSON output (``status: failed``), if it failed."""
+    rec, _ = read_json_or_none(path)
+    return rec if rec is not None and rec.get("status") == "failed" else None
 
 
 def record_failure(results_dir: str | os.PathLike, slide_id: str, stage: str, reason: str, path: str) -> None:
@@ -38,10 +39,7 @@ def record_failure(results_dir: str | os.PathLike, slide_id: str, stage: str, re
 
 
 def read_failure(results_dir: str | os.PathLike, slide_id: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(record_path(results_dir, slide_id).read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json_or_none(record_path(results_dir, slide_id))[0]
 
 
 def clear_failure(results_dir: str | os.PathLike, slide_id: str, stage: str) -> None:
@@ -52,13 +50,12 @@ def clear_failure(results_dir: str | os.PathLike, slide_id: str, stage: str) -> 
 
 
 def collect(results_dir: str | os.PathLike, slide_ids: list[str] | None = None) -> list[dict[str, Any]]:
-    d = Path(results_dir) / "failures"
+    d = Path(Layout(results_dir).failures_dir())
     recs = []
     if d.is_dir():
         for p in sorted(d.glob("*.json")):
-            try:
-                rec = json.loads(p.read_text())
-            except (OSError, ValueError):
+            rec = read_json_or_none(p)[0]
+            if rec is None:
                 continue
             if slide_ids is None or rec.get("slide_id") in slide_ids:
                 recs.append(rec)
@@ -68,7 +65,7 @@ def collect(results_dir: str | os.PathLike, slide_ids: list[str] | None = None) 
 def write_summary(results_dir: str | os.PathLike, slide_ids: list[str] | None = None, stream=sys.stderr) -> Path:
     """Write ``failures.tsv`` (header only when nothing failed) and print a short summary."""
     recs = collect(results_dir, slide_ids)
-    out = Path(results_dir) / "failures.tsv"
+    out = Path(Layout(results_dir).failures_tsv())
     with atomic_path(out) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write("slide_id\tstage\treason\tpath\n")

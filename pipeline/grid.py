@@ -15,33 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from .provenance import provenance, write_json_atomic
+from .config import resolve
+from .files import write_json_atomic
+from .provenance import provenance
 from .slide import Slide, SlideError
 
-DEFAULTS: dict[str, Any] = {
-    "patch_size": 224,
-    "target_mpp": 0.5,
-    "stride": None,  # in patch pixels at target_mpp; None = patch_size (no overlap)
-    "min_tissue_fraction": 0.25,
-    # Reading a level coarser than the target would need upsampling. Allow a little (a 0.26 µm/px scan
-    # for a 0.25 target) but refuse more, which would invent detail.
-    "max_upsample": 1.1,
-}
-
-
-def merge_params(params: dict[str, Any] | None) -> dict[str, Any]:
-    out = dict(DEFAULTS)
-    for k, v in (params or {}).items():
-        if k not in DEFAULTS:
-            raise ValueError(f"unknown grid parameter {k!r} (known: {sorted(DEFAULTS)})")
-        out[k] = v
-    if out["stride"] is None:
-        out["stride"] = out["patch_size"]
-    if int(out["patch_size"]) < 8 or int(out["stride"]) < 1:
-        raise ValueError("grid.patch_size must be >= 8 and grid.stride >= 1")
-    if not 0.0 <= float(out["min_tissue_fraction"]) <= 1.0:
-        raise ValueError("grid.min_tissue_fraction must be within [0, 1]")
-    return out
+def resolve_settings(params: dict[str, Any] | None) -> dict[str, Any]:
+    """The stage's settings (``grid`` section, defaults from :mod:`pipeline.config`); ``stride`` None
+    becomes ``patch_size``. Unknown keys or invalid values raise ValueError naming the key."""
+    return resolve("grid", params)
 
 
 def read_plan(slide: Slide, patch_size: int, target_mpp: float, max_upsample: float = 1.1) -> dict[str, Any]:
@@ -90,7 +72,7 @@ def tissue_fractions(mask: np.ndarray, mask_downsample: float, xs: np.ndarray, y
 def make_grid(slide: Slide, mask: np.ndarray, mask_downsample: float, params: dict[str, Any] | None = None
               ) -> dict[str, Any]:
     """Compute the patch grid of one slide. Returns a JSON-able dict (see :func:`run_grid`)."""
-    p = merge_params(params)
+    p = resolve_settings(params)
     plan = read_plan(slide, int(p["patch_size"]), float(p["target_mpp"]), float(p["max_upsample"]))
     size0 = plan["patch_size_level0_px"]
     stride0 = max(1, round(int(p["stride"]) * float(p["target_mpp"]) / slide.mpp))
@@ -129,6 +111,15 @@ def run_grid(slide: Slide, tissue_dir: str | os.PathLike, out_path: str | os.Pat
     return grid
 
 
+def write_failed(out_path: str | os.PathLike, slide_id: str, reason: str, params: dict[str, Any] | None,
+                 stage: str = "grid") -> None:
+    """Explicit failed grid (``on_slide_error: skip``): no patches, ``status: failed``, the failed stage
+    (this one or an upstream one) and the reason."""
+    write_json_atomic(out_path, {"slide_id": slide_id, "status": "failed", "stage": stage, "error": reason,
+                                 "n_patches": 0, "coords": [], "tissue_fraction": [], "read_plan": None,
+                                 "provenance": provenance("grid", params)})
+
+
 def load_grid(path: str | os.PathLike) -> dict[str, Any]:
     import json
 
@@ -147,5 +138,5 @@ def level0_patch_size(patch_size: int, target_mpp: float, level0_mpp: float) -> 
     return max(1, round(patch_size * target_mpp / level0_mpp))
 
 
-__all__ = ["DEFAULTS", "make_grid", "run_grid", "load_grid", "read_plan", "tissue_fractions",
-           "level0_patch_size", "merge_params"]
+__all__ = ["make_grid", "run_grid", "load_grid", "read_plan", "tissue_fractions", "level0_patch_size",
+           "resolve_settings", "write_failed"]

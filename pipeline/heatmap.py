@@ -32,11 +32,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .provenance import atomic_path, write_json_atomic
+from .config import STAGE_DEFAULTS, parse_with_settings
+from .files import feature_collection, polygon_feature, square_ring, write_json_atomic, write_png
+from .layout import TISSUE_FILES
+from .log import get_logger, setup
+
+log = get_logger("heatmap")
 
 __all__ = ["HeatmapError", "render_heatmap", "normalise_scores", "patches_geojson", "main"]
 
 NORMALISE = ("rank", "minmax")
+DEFAULTS = STAGE_DEFAULTS["heatmap"]
 
 
 class HeatmapError(ValueError):
@@ -69,16 +75,10 @@ def patches_geojson(coords: np.ndarray, size0: int, values: dict[str, np.ndarray
     s = int(size0)
     names = list(values)
     cols = [np.asarray(values[n], dtype=np.float64) for n in names]
-    feats = []
-    for i, (x, y) in enumerate(coords.tolist()):
-        ring = [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
-        feats.append({
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {"objectType": object_type, "name": f"patch {i} ({x}, {y})",
-                           "measurements": {n: float(c[i]) for n, c in zip(names, cols)}},
-        })
-    return {"type": "FeatureCollection", "features": feats}
+    feats = [polygon_feature([square_ring(x, y, s)], {
+        "objectType": object_type, "name": f"patch {i} ({x}, {y})",
+        "measurements": {n: float(c[i]) for n, c in zip(names, cols)}}) for i, (x, y) in enumerate(coords.tolist())]
+    return feature_collection(feats)
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -88,18 +88,6 @@ def _read_rgb(path: Path) -> np.ndarray:
     if img is None:
         raise HeatmapError(f"{path}: missing or unreadable thumbnail")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def _write_png(path: Path, rgb: np.ndarray) -> None:
-    import cv2
-
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise OSError(f"{path}: PNG encoding failed")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(buf.tobytes())
 
 
 def render_heatmap(thumbnail_png: str | os.PathLike | np.ndarray, slide_dims: Sequence[int] | str | os.PathLike,
@@ -157,10 +145,9 @@ def render_heatmap(thumbnail_png: str | os.PathLike | np.ndarray, slide_dims: Se
         blend = (1.0 - alpha) * thumb[covered].astype(np.float64) + alpha * colour[covered].astype(np.float64)
         out[covered] = np.clip(np.round(blend), 0, 255).astype(np.uint8)
     if out_png is not None:
-        _write_png(Path(out_png), out)
+        write_png(out_png, out)
     if out_geojson is not None:
         gj = patches_geojson(coords, size0, {score_name: scores, "heatmap": v}, object_type=object_type)
-        Path(out_geojson).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_geojson, gj)
     return out
 
@@ -197,8 +184,9 @@ def read_scores(path: str | os.PathLike, column: str = "auto") -> tuple[np.ndarr
 
 
 def heatmap_from_files(scores_csv: str | os.PathLike, tissue_dir: str | os.PathLike, grid_json: str | os.PathLike,
-                       out_png: str | os.PathLike, out_geojson: str | os.PathLike, *, column: str = "auto",
-                       normalise: str = "rank", alpha: float = 0.5, object_type: str = "tile") -> dict[str, Any]:
+                       out_png: str | os.PathLike, out_geojson: str | os.PathLike, *, column: str = DEFAULTS["column"],
+                       normalise: str = DEFAULTS["normalise"], alpha: float = DEFAULTS["alpha"],
+                       object_type: str = DEFAULTS["object_type"]) -> dict[str, Any]:
     """The heatmap stage for one slide, from the cached stage outputs (see the module docstring)."""
     tissue_dir = Path(tissue_dir)
     coords, scores, column = read_scores(scores_csv, column)
@@ -212,47 +200,48 @@ def heatmap_from_files(scores_csv: str | os.PathLike, tissue_dir: str | os.PathL
     if unknown:
         raise HeatmapError(f"{scores_csv}: {len(unknown)} patch(es) are not in the grid {grid_json}, e.g. "
                            f"{unknown[0]}; the scores come from another grid")
-    render_heatmap(tissue_dir / "thumbnail.png", tissue_dir / "tissue.json", coords, scores, size0, out_png,
+    render_heatmap(tissue_dir / TISSUE_FILES["thumbnail"], tissue_dir / TISSUE_FILES["stats"], coords, scores, size0, out_png,
                    out_geojson, score_name=column, normalise=normalise, alpha=alpha, object_type=object_type)
     return {"n_patches": int(len(scores)), "column": column, "patch_size_level0_px": size0}
 
 
+def write_failed(out_png: str | os.PathLike, out_geojson: str | os.PathLike) -> None:
+    """Placeholder outputs of a slide that failed upstream (``on_slide_error: skip``): a grey image and
+    an empty GeoJSON marked ``status: failed``."""
+    write_png(out_png, np.full((64, 64, 3), 128, np.uint8))
+    write_json_atomic(out_geojson, feature_collection(status="failed"))
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.heatmap",
+    ap = argparse.ArgumentParser(prog="wsipipe heatmap",
                                  description="MIL attention / instance-score heatmap PNG and QuPath GeoJSON")
     ap.add_argument("--scores", required=True, metavar="CSV", help="x,y,attention[,score...] CSV of one slide")
     ap.add_argument("--tissue-dir", required=True, metavar="DIR", help="the slide's tissue stage folder")
     ap.add_argument("--grid", required=True, metavar="GRID_JSON", help="the slide's grid JSON")
     ap.add_argument("--out-png", required=True)
     ap.add_argument("--out-geojson", required=True)
-    ap.add_argument("--column", default="auto", help="score column (default: attention, else score)")
-    ap.add_argument("--normalise", "--normalize", default="rank", choices=NORMALISE)
-    ap.add_argument("--alpha", type=float, default=0.5, help="opacity of the colours (default 0.5)")
-    ap.add_argument("--object-type", default="tile", choices=["tile", "detection"])
-    args = ap.parse_args(argv)
-    tissue_json = Path(args.tissue_dir) / "tissue.json"
-    try:
-        failed = json.loads(tissue_json.read_text()).get("status") == "failed"
-    except (OSError, ValueError):
-        failed = False
-    if failed and not Path(args.scores).exists():
-        # A slide that failed under on_slide_error=skip has no scores: say so in explicit outputs.
-        from .tissue import write_png
+    ap.add_argument("--settings", default=None, help="the heatmap settings as a JSON object (defaults of the "
+                                                     "options below)")
+    ap.add_argument("--column", default=DEFAULTS["column"], help="score column (default: attention, else score)")
+    ap.add_argument("--normalise", "--normalize", default=DEFAULTS["normalise"], choices=NORMALISE)
+    ap.add_argument("--alpha", type=float, default=DEFAULTS["alpha"], help="opacity of the colours (default 0.5)")
+    ap.add_argument("--object-type", default=DEFAULTS["object_type"], choices=["tile", "detection"])
+    args = parse_with_settings(ap, argv, "heatmap")
+    setup()
+    from .failures import upstream_failure
 
-        write_png(Path(args.out_png), np.full((64, 64, 3), 128, np.uint8))
-        write_json_atomic(args.out_geojson, {"type": "FeatureCollection", "features": [],
-                                             "properties": {"status": "failed"}})
-        print(f"[heatmap] {args.tissue_dir}: slide failed upstream, placeholder written", file=sys.stderr)
+    if upstream_failure(Path(args.tissue_dir) / TISSUE_FILES["stats"]) and not Path(args.scores).exists():
+        write_failed(args.out_png, args.out_geojson)
+        log.info("%s: slide failed upstream, placeholder written", args.tissue_dir)
         return 0
     try:
         info = heatmap_from_files(args.scores, args.tissue_dir, args.grid, args.out_png, args.out_geojson,
                                   column=args.column, normalise=args.normalise, alpha=args.alpha,
                                   object_type=args.object_type)
     except (HeatmapError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 2
-    print(f"[heatmap] {info['n_patches']} patches ({info['column']}) -> {args.out_png}, {args.out_geojson}",
-          file=sys.stderr)
+    log.info("%d patches (%s) -> %s, %s", info["n_patches"], info["column"], args.out_png, args.out_geojson)
     return 0
 
 

@@ -24,7 +24,14 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from .provenance import provenance, write_json_atomic
+from .config import STAGE_DEFAULTS, parse_with_settings
+from .files import read_json_or_none, write_json_atomic
+from .layout import TISSUE_FILES, Layout
+from .provenance import provenance
+
+GRID_DEFAULTS = STAGE_DEFAULTS["grid"]
+FEATURE_DEFAULTS = STAGE_DEFAULTS["features"]
+DEFAULTS = STAGE_DEFAULTS["preflight"]
 
 NOTE = ("Model-only throughput: the estimate assumes reading and decoding patches keeps up with the model "
         "(check with `python -m pipeline.bench extract` on one slide; on CPU-only machines or slow storage "
@@ -48,22 +55,15 @@ def human_seconds(seconds: float | None) -> str:
     return f"{d} d {h} h"
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            obj = json.load(fh)
-        return obj if isinstance(obj, dict) else None
-    except (OSError, ValueError):
-        return None
+def _read_json(path: str | os.PathLike) -> dict[str, Any] | None:
+    return read_json_or_none(path)[0]
 
 
-def discover(results: Path) -> list[str]:
-    ids = set()
-    if (results / "grid").is_dir():
-        ids.update(p.stem for p in (results / "grid").glob("*.json") if not p.name.startswith("."))
-    if (results / "tissue").is_dir():
-        ids.update(p.name for p in (results / "tissue").iterdir() if (p / "tissue.json").is_file())
-    return sorted(ids)
+def discover(results: str | os.PathLike) -> list[str]:
+    """Slides with a grid or a finished tissue stage."""
+    layout = Layout(results)
+    return [s for s in layout.slide_ids()
+            if Path(layout.grid(s)).is_file() or Path(layout.tissue_json(s)).is_file()]
 
 
 def count_from_mask(tissue_dir: str | os.PathLike, patch_size: int, target_mpp: float,
@@ -71,11 +71,10 @@ def count_from_mask(tissue_dir: str | os.PathLike, patch_size: int, target_mpp: 
     """Patches the grid stage would keep for this tissue mask (and the area-based count for reference)."""
     import numpy as np
 
-    from .grid import DEFAULTS as GRID_DEFAULTS
     from .grid import level0_patch_size, tissue_fractions
     from .tissue import load_mask
 
-    meta = _read_json(Path(tissue_dir) / "tissue.json") or {}
+    meta = _read_json(Path(tissue_dir) / TISSUE_FILES["stats"]) or {}
     slide = meta.get("slide") or {}
     mask, ds = load_mask(tissue_dir)
     mpp = float(slide["level0_mpp"])
@@ -98,18 +97,17 @@ def count_from_mask(tissue_dir: str | os.PathLike, patch_size: int, target_mpp: 
             "tissue_area_mm2": area_mm2}
 
 
-def estimate(results_dir: str | os.PathLike, slides: Iterable[str] | None, model: str, batch_size: int = 64,
-             device: str = "auto", patch_size: int | None = None, throughput: float | None = None, *,
-             target_mpp: float | None = None, stride: int | None = None, min_tissue_fraction: float | None = None,
-             bench_seconds: float = 5.0) -> dict[str, Any]:
+def estimate(results_dir: str | os.PathLike, slides: Iterable[str] | None, model: str,
+             batch_size: int = FEATURE_DEFAULTS["batch_size"], device: str = FEATURE_DEFAULTS["device"],
+             patch_size: int | None = None, throughput: float | None = None, *, target_mpp: float | None = None,
+             stride: int | None = None, min_tissue_fraction: float | None = None,
+             bench_seconds: float = DEFAULTS["seconds"]) -> dict[str, Any]:
     """Patches per slide and the expected extraction time (see the module docstring)."""
-    from .grid import DEFAULTS as GRID_DEFAULTS
-
-    results = Path(results_dir)
-    ids = list(dict.fromkeys(slides)) if slides is not None else discover(results)
+    layout = Layout(results_dir)
+    ids = list(dict.fromkeys(slides)) if slides is not None else discover(results_dir)
     grids = {}
     for sid in ids:
-        g = _read_json(results / "grid" / f"{sid}.json")
+        g = _read_json(layout.grid(sid))
         if g is not None and "n_patches" in g:
             grids[sid] = g
     # Patch size and µm/px: given, else those of the existing grids, else the grid defaults.
@@ -132,8 +130,8 @@ def estimate(results_dir: str | os.PathLike, slides: Iterable[str] | None, model
         if sid in grids:
             rows.append({"slide_id": sid, "patches": int(grids[sid]["n_patches"]), "source": "grid"})
             continue
-        tdir = results / "tissue" / sid
-        meta = _read_json(tdir / "tissue.json")
+        tdir = Path(layout.tissue_dir(sid))
+        meta = _read_json(layout.tissue_json(sid))
         if meta is not None and meta.get("status") == "failed":
             rows.append({"slide_id": sid, "patches": 0, "source": "failed",
                          "error": f"tissue failed: {meta.get('error', '')}"})
@@ -198,29 +196,36 @@ def format_table(est: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.preflight", description=__doc__,
+    ap = argparse.ArgumentParser(prog="wsipipe preflight", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", required=True, help="results folder (grid/ and/or tissue/ inside)")
+    ap.add_argument("--settings", default=None, help="the preflight settings as a JSON object (defaults of the "
+                                                     "options below; the workflow passes features + grid + preflight)")
     ap.add_argument("--model", required=True, help="encoder preset or timm architecture")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=FEATURE_DEFAULTS["batch_size"])
+    ap.add_argument("--device", default=FEATURE_DEFAULTS["device"])
     ap.add_argument("--patch-size", type=int, default=None, help="default: from the grids, else 224")
     ap.add_argument("--target-mpp", type=float, default=None, help="for mask-only slides; default: grids, else 0.5")
     ap.add_argument("--stride", type=int, default=None, help="for mask-only slides (pixels at target µm/px)")
     ap.add_argument("--min-tissue-fraction", type=float, default=None, help="for mask-only slides")
-    ap.add_argument("--throughput", type=float, default=None, help="patches/s; default: measure the model")
-    ap.add_argument("--seconds", type=float, default=5.0, help="how long to measure the model")
+    ap.add_argument("--throughput", type=float, default=DEFAULTS["throughput"],
+                    help="patches/s; default: measure the model")
+    ap.add_argument("--seconds", type=float, default=DEFAULTS["seconds"], help="how long to measure the model")
     ap.add_argument("--slides", nargs="*", default=None, help="slide ids (default: all found)")
+    ap.add_argument("--slides-file", default=None, help="file with the slide ids, one per line")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     ap.add_argument("--out", required=True, help="JSON file to write")
-    a = ap.parse_args(argv)
+    a = parse_with_settings(ap, argv)
     if a.threads:
         import torch
 
         torch.set_num_threads(max(1, a.threads))
     if a.throughput is not None and not a.throughput > 0:
         ap.error("--throughput must be > 0")
-    est = estimate(a.results, a.slides, a.model, a.batch_size, a.device, a.patch_size, a.throughput,
+    slides = a.slides
+    if a.slides_file:
+        slides = [s for s in Path(a.slides_file).read_text(encoding="utf-8").splitlines() if s]
+    est = estimate(a.results, slides, a.model, a.batch_size, a.device, a.patch_size, a.throughput,
                    target_mpp=a.target_mpp, stride=a.stride, min_tissue_fraction=a.min_tissue_fraction,
                    bench_seconds=a.seconds)
     print(format_table(est))

@@ -1,98 +1,23 @@
-"""Atomic file writes and provenance records shared by every stage.
+"""Provenance records and content fingerprints shared by every stage.
 
-Every artefact the pipeline writes is produced under a temporary sibling name and moved into place with
-``os.replace`` (atomic on POSIX within one filesystem), so an interrupted job never leaves a file that a
-later run would mistake for a finished one. Provenance records are plain JSON-able dicts.
+Provenance records are plain JSON-able dicts written into every output (last, atomically: see
+:mod:`pipeline.files`). Content fingerprints identify slide and label files by what they contain, so that
+Snakemake reruns a stage when a file is replaced and not when it is merely touched.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import STAGE_VERSIONS, __version__
-
-
-def _tmp_sibling(path: Path, is_dir: bool = False) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{path.name}.tmp-"
-    if is_dir:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
-    fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
-    os.close(fd)
-    return Path(name)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success move it onto ``path``, on error remove it.
-
-    For directories an existing target is replaced only after the new one is complete.
-    """
-    path = Path(path)
-    tmp = _tmp_sibling(path, is_dir=is_dir)
-    try:
-        yield tmp
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
-    replace_into(tmp, path)
-
-
-def replace_into(tmp: Path, path: Path) -> None:
-    """Move a finished temporary file or directory onto ``path`` (replacing any old one)."""
-    if tmp.is_dir():
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    else:
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
-def _json_default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+from .files import write_json_atomic
 
 
 def software_versions() -> dict[str, str]:

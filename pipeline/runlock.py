@@ -16,6 +16,8 @@ import os
 import platform
 from pathlib import Path
 
+from .layout import Layout
+
 _HELD: dict[str, int] = {}  # results dir -> open descriptor, kept for the life of the process
 
 
@@ -26,7 +28,7 @@ class RunLockError(RuntimeError):
 def acquire(results_dir: str | os.PathLike) -> Path:
     d = Path(results_dir).resolve()
     d.mkdir(parents=True, exist_ok=True)
-    path = d / ".wsipipe.lock"
+    path = Path(Layout(d).run_lock())
     if str(d) in _HELD:
         return path
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

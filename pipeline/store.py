@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .provenance import replace_into, write_json_atomic
+from .files import read_json_or_none, replace_into, write_json_atomic
 
 SCHEMA_VERSION = 1
 REQUIRED_ATTRS = (
@@ -56,12 +56,6 @@ def _zarr():
     import zarr
 
     return zarr
-
-
-def model_tag(features_params: dict[str, Any]) -> str:
-    """Folder name of a cohort's bags under ``features/``: ``features.tag`` or the model name."""
-    tag = features_params.get("tag") or features_params.get("model") or "resnet50_trunc"
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(tag))
 
 
 def bag_path(features_dir: str | os.PathLike, slide_id: str) -> Path:
@@ -113,11 +107,7 @@ class BagWriter:
         return self.rows_done > 0
 
     def _read_progress(self) -> dict | None:
-        p = self.tmp / "progress.json"
-        try:
-            return json.loads(p.read_text())
-        except (OSError, ValueError):
-            return None
+        return read_json_or_none(self.tmp / "progress.json")[0]
 
     def _write_progress(self) -> None:
         write_json_atomic(self.tmp / "progress.json", {
@@ -207,14 +197,3 @@ def list_bags(features_dir: str | os.PathLike) -> list[Path]:
 def iter_bags(features_dir: str | os.PathLike) -> Iterator[Bag]:
     for p in list_bags(features_dir):
         yield read_bag(p)
-
-
-
-def __getattr__(name: str) -> Any:
-    """``pipeline.store.cohort_view`` / ``export_table``: the cohort's lazy dask view over all bags of one
-    ``model_tag`` and its table export, defined in :mod:`pipeline.mil.cohort` (imported on first use)."""
-    if name in ("cohort_view", "export_table"):
-        from .mil import cohort
-
-        return getattr(cohort, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,24 +30,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .provenance import atomic_path, provenance, write_json_atomic
-
-#: Parameters of the stage (the config's ``tissue:`` section). Sizes are physical, never pixels.
-DEFAULTS: dict[str, Any] = {
-    "seg_mpp": 8.0,                 # µm/px of the image the segmentation runs on
-    "blur_um": 64.0,                # median blur window (µm) applied to saturation/value
-    "min_saturation": 20,           # floor on the Otsu threshold of HSV saturation (0-255)
-    "min_value": 30,           # pixels with HSV value below this are not tissue (pen, borders)
-    "close_um": 32.0,               # morphological closing radius (µm)
-    "min_tissue_area_um2": 20000.0,  # components smaller than this are dropped
-    "fill_holes_max_um2": 5000.0,   # holes smaller than this are filled
-    "thumbnail_max_px": 1024,       # longest side of thumbnail.png
-}
-
-MASK_FILE = "mask.png"
-THUMBNAIL_FILE = "thumbnail.png"
-GEOJSON_FILE = "tissue.geojson"
-JSON_FILE = "tissue.json"
+from .config import resolve
+from .files import feature_collection, polygon_feature, write_json_atomic, write_png
+from .layout import TISSUE_FILES
+from .provenance import provenance
 
 _CONTOUR_COLOUR = (0, 200, 0)  # RGB
 
@@ -64,30 +50,10 @@ class TissueResult:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-# -- parameters -------------------------------------------------------------------------------------
-def resolve_params(params: dict[str, Any] | None) -> dict[str, Any]:
-    """DEFAULTS overlaid with ``params``; unknown keys or invalid values raise ValueError."""
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown tissue parameter(s): {', '.join(map(repr, unknown))} "
-                         f"(known: {', '.join(DEFAULTS)})")
-    merged = {**DEFAULTS, **params}
-    for key, value in merged.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"tissue parameter {key!r} must be a number, not {value!r}")
-    if merged["seg_mpp"] <= 0:
-        raise ValueError(f"tissue parameter 'seg_mpp' must be > 0, not {merged['seg_mpp']!r}")
-    for key in ("blur_um", "close_um", "min_tissue_area_um2", "fill_holes_max_um2"):
-        if merged[key] < 0:
-            raise ValueError(f"tissue parameter {key!r} must be >= 0, not {merged[key]!r}")
-    for key in ("min_saturation", "min_value"):
-        if not 0 <= merged[key] <= 255:
-            raise ValueError(f"tissue parameter {key!r} must be in [0, 255], not {merged[key]!r}")
-    if merged["thumbnail_max_px"] < 16:
-        raise ValueError(f"tissue parameter 'thumbnail_max_px' must be >= 16, not {merged['thumbnail_max_px']!r}")
-    merged["thumbnail_max_px"] = int(merged["thumbnail_max_px"])
-    return merged
+def resolve_settings(params: dict[str, Any] | None) -> dict[str, Any]:
+    """The stage's settings (``tissue`` section): defaults from :mod:`pipeline.config` overlaid with
+    ``params``; unknown keys or invalid values raise ValueError naming the key."""
+    return resolve("tissue", params)
 
 
 # -- pixel-level segmentation -----------------------------------------------------------------------
@@ -151,7 +117,7 @@ def mask_from_rgb(rgb: np.ndarray, pixel_um: float, params: dict[str, Any] | Non
 
     Returns (mask, info) where info holds the thresholds and the pixel sizes actually used.
     """
-    p = resolve_params(params)
+    p = resolve_settings(params)
     if rgb.ndim != 3 or rgb.shape[2] < 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an RGB uint8 image, got shape {rgb.shape} dtype {rgb.dtype}")
     if not (pixel_um > 0 and math.isfinite(pixel_um)):
@@ -254,13 +220,9 @@ def mask_to_polygons(mask: np.ndarray, downsample: float, dims: tuple[int, int] 
 
 def polygons_to_geojson(polygons: list[list[list[list[float]]]]) -> dict[str, Any]:
     """A QuPath-importable GeoJSON FeatureCollection of Tissue annotations."""
-    features = [{
-        "type": "Feature",
-        "id": f"tissue-{i}",
-        "geometry": {"type": "Polygon", "coordinates": rings},
-        "properties": {"objectType": "annotation", "classification": {"name": "Tissue", "color": [0, 200, 0]}},
-    } for i, rings in enumerate(polygons)]
-    return {"type": "FeatureCollection", "features": features}
+    props = {"objectType": "annotation", "classification": {"name": "Tissue", "color": [0, 200, 0]}}
+    return feature_collection([polygon_feature(rings, props, feature_id=f"tissue-{i}")
+                               for i, rings in enumerate(polygons)])
 
 
 # -- slide-level API --------------------------------------------------------------------------------
@@ -291,7 +253,7 @@ def _thumbnail(slide, seg_rgb: np.ndarray, seg_ds: float, contours_mask: np.ndar
 
 def segment_tissue(slide, params: dict[str, Any] | None = None) -> TissueResult:
     """Segment the tissue of an open :class:`pipeline.slide.Slide`."""
-    p = resolve_params(params)
+    p = resolve_settings(params)
     target_ds = max(1.0, p["seg_mpp"] / slide.mpp)
     rgb, ds = slide.read_at_downsample(target_ds)
     pixel_um = ds * slide.mpp
@@ -318,28 +280,15 @@ def segment_tissue(slide, params: dict[str, Any] | None = None) -> TissueResult:
                         params=p)
 
 
-def write_png(path: Path, img: np.ndarray) -> None:
-    if img.ndim == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", img)
-    if not ok:
-        raise OSError(f"{path}: PNG encoding failed")
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(buf.tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
 def run_tissue(slide, out_dir: str | os.PathLike, params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Segment ``slide`` and write mask.png, thumbnail.png, tissue.geojson and (last) tissue.json."""
-    p = resolve_params(params)
+    p = resolve_settings(params)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = segment_tissue(slide, p)
-    write_png(out / MASK_FILE, res.mask.astype(np.uint8) * 255)
-    write_png(out / THUMBNAIL_FILE, res.thumbnail)
-    write_json_atomic(out / GEOJSON_FILE, polygons_to_geojson(res.polygons))
+    write_png(out / TISSUE_FILES["mask"], res.mask.astype(np.uint8) * 255)
+    write_png(out / TISSUE_FILES["thumbnail"], res.thumbnail)
+    write_json_atomic(out / TISSUE_FILES["geojson"], polygons_to_geojson(res.polygons))
     record = {
         "slide_id": slide.slide_id,
         "slide": slide.info(),
@@ -348,14 +297,27 @@ def run_tissue(slide, out_dir: str | os.PathLike, params: dict[str, Any] | None 
         "stats": res.stats,
         "provenance": provenance("tissue", p),
     }
-    write_json_atomic(out / JSON_FILE, record)
+    write_json_atomic(out / TISSUE_FILES["stats"], record)
     return record
+
+
+def write_failed(out_dir: str | os.PathLike, slide_id: str, reason: str, params: dict[str, Any] | None,
+                 stage: str = "tissue") -> None:
+    """Explicit failed outputs of a slide that cannot be used (``on_slide_error: skip``): an empty mask,
+    a blank thumbnail, an empty GeoJSON and ``tissue.json`` with ``status: failed``, the stage and the
+    reason (written last)."""
+    out = Path(out_dir)
+    write_png(out / TISSUE_FILES["mask"], np.zeros((1, 1), np.uint8))
+    write_png(out / TISSUE_FILES["thumbnail"], np.full((64, 64, 3), 128, np.uint8))
+    write_json_atomic(out / TISSUE_FILES["geojson"], feature_collection())
+    write_json_atomic(out / TISSUE_FILES["stats"], {"slide_id": slide_id, "status": "failed", "stage": stage,
+                                                    "error": reason, "provenance": provenance("tissue", params)})
 
 
 def load_mask(out_dir: str | os.PathLike) -> tuple[np.ndarray, float]:
     """(bool mask, mask_downsample) from a finished tissue output folder."""
     out = Path(out_dir)
-    meta_path, mask_path = out / JSON_FILE, out / MASK_FILE
+    meta_path, mask_path = out / TISSUE_FILES["stats"], out / TISSUE_FILES["mask"]
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: tissue stage output missing (tissue.json)")
     with open(meta_path, encoding="utf-8") as fh:

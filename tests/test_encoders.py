@@ -12,7 +12,7 @@ import torch
 from pipeline.features import create_encoder, list_encoders
 from pipeline.features import presets as P
 from pipeline.features import weights as W
-from pipeline.provenance import sha256_file
+from pipeline.files import sha256_file
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HOPT = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))

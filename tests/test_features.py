@@ -9,7 +9,7 @@ import torch
 from pipeline.features import create_encoder, list_encoders
 from pipeline.features import extract as ex
 from pipeline.grid import make_grid
-from pipeline.provenance import sha256_file
+from pipeline.files import sha256_file
 from pipeline.slide import open_slide
 from pipeline.store import partial_path, read_bag
 from pipeline.synthetic import make_slide
@@ -140,7 +140,7 @@ def test_registry_presets_and_errors():
 
 def test_unknown_setting_is_named():
     with pytest.raises(ValueError, match="batchsize"):
-        ex.merge_params({"batchsize": 3})
+        ex.resolve_settings({"batchsize": 3})
 
 
 def test_sigkill_mid_slide_resumes_to_identical_bag(tmp_path):

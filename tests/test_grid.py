@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.grid import make_grid, merge_params, read_plan, tissue_fractions
+from pipeline.grid import make_grid, read_plan, resolve_settings, tissue_fractions
 from pipeline.slide import SlideError, open_slide
 from pipeline.synthetic import make_slide
 
@@ -91,4 +91,4 @@ def test_tissue_fractions_integral_image():
 
 def test_unknown_grid_key():
     with pytest.raises(ValueError, match="patchsize"):
-        merge_params({"patchsize": 256})
+        resolve_settings({"patchsize": 256})

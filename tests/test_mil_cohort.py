@@ -110,12 +110,3 @@ def test_export_cli(bags, tmp_path, capsys):
     assert (tmp_path / "t.zarr").is_dir()
     assert main(["export", "--bags", str(tmp_path / "none"), "--out", str(tmp_path / "u.csv")]) == 2
     assert "none" in capsys.readouterr().err
-
-
-def test_store_reexport_when_present():
-    """pipeline.store is expected to re-export the cohort view (done by the lead; skipped until then)."""
-    import pipeline.store as store
-
-    if not hasattr(store, "cohort_view"):
-        pytest.skip("pipeline.store does not re-export cohort_view yet")
-    assert store.cohort_view is cohort_view and store.export_table is export_table

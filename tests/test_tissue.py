@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.slide import open_slide
 from pipeline.synthetic import MASK_DOWNSAMPLE, make_blank_slide, make_slide
-from pipeline.tissue import (DEFAULTS, load_mask, mask_from_rgb, mask_to_polygons, resolve_params, run_tissue,
+from pipeline.config import STAGE_DEFAULTS
+from pipeline.tissue import (load_mask, mask_from_rgb, mask_to_polygons, resolve_settings, run_tissue,
                              segment_tissue)
 
 W, H = 2048, 1536
@@ -69,7 +70,7 @@ def test_iou_against_ground_truth(slides, name):
     assert res.stats["tissue_area_mm2"] == pytest.approx(gt_area, rel=0.15)
     assert res.stats["n_components"] >= 1
     assert res.thumbnail.dtype == np.uint8 and res.thumbnail.ndim == 3
-    assert max(res.thumbnail.shape[:2]) <= DEFAULTS["thumbnail_max_px"]
+    assert max(res.thumbnail.shape[:2]) <= STAGE_DEFAULTS["tissue"]["thumbnail_max_px"]
     # contours are drawn in green
     green = (res.thumbnail[..., 1] >= 190) & (res.thumbnail[..., 0] < 20) & (res.thumbnail[..., 2] < 20)
     assert green.sum() > 100
@@ -102,7 +103,7 @@ def test_blank_slide(tmp_path):
     assert rec["stats"]["tissue_area_mm2"] == 0
     assert rec["stats"]["tissue_fraction"] == 0
     assert rec["stats"]["n_components"] == 0
-    assert rec["stats"]["threshold_saturation"] >= DEFAULTS["min_saturation"]
+    assert rec["stats"]["threshold_saturation"] >= STAGE_DEFAULTS["tissue"]["min_saturation"]
     gj = json.loads((tmp_path / "out" / "tissue.geojson").read_text())
     assert gj == {"type": "FeatureCollection", "features": []}
     mask, ds = load_mask(tmp_path / "out")
@@ -161,7 +162,7 @@ def test_output_files(slides, tmp_path):
         assert key in meta, key
     assert meta["slide_id"] == "tif_slide"
     assert meta["slide"] == json.loads(json.dumps(info))
-    assert meta["params"] == {**DEFAULTS, "thumbnail_max_px": 512}
+    assert meta["params"] == {**STAGE_DEFAULTS["tissue"], "thumbnail_max_px": 512}
     assert meta["provenance"]["stage"] == "tissue"
     for key in ("tissue_area_mm2", "tissue_fraction", "n_components", "threshold_saturation", "mask_shape",
                 "mask_downsample", "seg_mpp"):
@@ -181,7 +182,7 @@ def test_output_files(slides, tmp_path):
 # (6) unknown / invalid parameters
 def test_unknown_parameter(slides, tmp_path):
     with pytest.raises(ValueError, match="min_tisue_area_um2"):
-        resolve_params({"min_tisue_area_um2": 1})
+        resolve_settings({"min_tisue_area_um2": 1})
     with open_slide(slides["tif_slide"]) as s:
         with pytest.raises(ValueError, match="bogus_key"):
             run_tissue(s, tmp_path / "out", {"bogus_key": 3})
@@ -234,4 +235,4 @@ def test_blank_image_is_not_tissue():
     rng = np.random.default_rng(1)
     glass = np.clip(np.full((256, 256, 3), 238.0) + rng.normal(0, 4, (256, 256, 3)), 0, 255).astype(np.uint8)
     mask, info = mask_from_rgb(glass, 8.0)
-    assert not mask.any() and info["threshold_saturation"] >= DEFAULTS["min_saturation"]
+    assert not mask.any() and info["threshold_saturation"] >= STAGE_DEFAULTS["tissue"]["min_saturation"]

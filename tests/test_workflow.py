@@ -16,7 +16,7 @@ import pytest
 from pipeline.store import list_bags, read_bag
 
 FAST = {
-    "features": {"model": "test_resnet", "batch_size": 16, "num_workers": 0, "device": "cpu"},
+    "features": {"model": "test_resnet", "batch_size": 16, "num_workers": 0, "device": "cpu", "slides_per_job": 2},
     "mil": {"model": "abmil", "folds": 2, "epochs": 8, "patience": 4, "seed": 0},
 }
 
@@ -69,12 +69,13 @@ def test_dry_run_lists_every_stage(cohort, root, env_with_venv, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", cohort, tmp_path / "r", cohort / "labels.csv")
     jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg)))
     n = len(list(cohort.glob("slide_*")))
-    assert jobs == {"tissue": n, "grid": n, "features": n, "mil_train": 1, "mil_predict": 1, "heatmap": n,
+    batches = -(-n // FAST["features"]["slides_per_job"])  # one feature job per batch of slides
+    assert jobs == {"tissue": n, "grid": n, "features": batches, "mil_train": 1, "mil_predict": 1, "heatmap": n,
                     "report": 1, "all": 1}
     # without labels: features only, no training
     cfg = write_config(tmp_path / "c2.yaml", cohort, tmp_path / "r", None)
     jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg)))
-    assert "mil_train" not in jobs and jobs["features"] == n
+    assert "mil_train" not in jobs and jobs["features"] == batches
 
 
 def test_invalid_config_names_the_key(cohort, root, env_with_venv, tmp_path):
@@ -127,6 +128,19 @@ def test_end_to_end_outputs(run, cohort):
         assert len(gj["features"]) == read_bag(results / "features" / "test_resnet" / f"{s}.zarr").n
     html = (results / "report" / "index.html").read_text()
     assert all(s in html for s in slides) and "<svg" in html
+
+
+def test_feature_jobs_run_in_batches_one_gpu_at_a_time(run, cohort):
+    """One feature job per batch of slides_per_job slides, one encoder each; the default profile declares one
+    GPU, so with --cores 2 the feature jobs still run one after the other."""
+    manifests = sorted((run["results"] / "features" / "test_resnet" / ".batches").glob("*.json"))
+    slides = sorted(p.stem for p in cohort.glob("slide_*"))
+    assert len(manifests) == -(-len(slides) // FAST["features"]["slides_per_job"])
+    recs = [json.loads(m.read_text()) for m in manifests]
+    assert sorted(s for r in recs for s in r["slides"]) == slides
+    assert all(v["status"] == "encoded" for r in recs for v in r["slides"].values())
+    spans = sorted((r["started"], r["finished"]) for r in recs)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
 
 
 def test_nothing_to_do_on_rerun(run, root, env_with_venv):
@@ -225,7 +239,7 @@ def test_hub_weights_are_prefetched_once_before_feature_jobs(cohort, root, env_w
                        {"features": {"model": "uni", "pretrained": True}})
     proc = snakemake(root, env_with_venv, "-n", "--configfile", str(cfg))
     jobs = planned_jobs(proc)
-    assert jobs["prefetch_weights"] == 1 and jobs["features"] == len(list(cohort.glob("slide_*")))
+    assert jobs["prefetch_weights"] == 1 and jobs["features"] == -(-len(list(cohort.glob("slide_*"))) // 2)
     assert "--weights-lock" in proc.stdout
 
 
@@ -234,7 +248,7 @@ def test_features_cli_uses_the_pinned_weights(cohort, tmp_path):
 
     from pipeline.__main__ import main
     from pipeline.features import create_encoder
-    from pipeline.provenance import sha256_file
+    from pipeline.files import sha256_file
 
     slide = cohort / "slide_000.tif"
     assert main(["tissue", "--slide", str(slide), "--out-dir", str(tmp_path / "t")]) == 0
@@ -339,3 +353,13 @@ def test_reruns_follow_slide_content_not_mtime(cohort, root, env_with_venv, tmp_
     summary = snakemake(root, env_with_venv, "--summary", "--configfile", str(cfg)).stdout
     tissue_rows = [line for line in summary.splitlines() if "/tissue/slide_002/tissue.json" in line]
     assert tissue_rows and "params" in tissue_rows[0], summary[-2000:]
+    # the rerun re-encodes the replaced slide only: the other bag of its feature batch is not touched
+    bags = tmp_path / "results" / "features" / "test_resnet"
+    kept = (bags / "slide_000.zarr" / "zarr.json").stat()
+    snakemake(root, env_with_venv, "--configfile", str(cfg))
+    after = (bags / "slide_000.zarr" / "zarr.json").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)
+    manifest = json.loads(next((bags / ".batches").glob("*.json")).read_text())
+    assert {s: v["status"] for s, v in manifest["slides"].items()} == {"slide_000": "cached",
+                                                                        "slide_002": "encoded"}
+    assert read_bag(bags / "slide_002.zarr").attrs["cache_key"] == manifest["slides"]["slide_002"]["cache_key"]

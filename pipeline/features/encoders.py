@@ -21,8 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .catalog import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass
@@ -107,7 +106,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def load_weights_file(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     """Load a local weights file into ``model`` strictly (classifier heads are ignored)."""
-    from ..provenance import sha256_file
+    from ..files import sha256_file
 
     path = Path(path)
     sd = read_state_dict(path)

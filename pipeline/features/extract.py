@@ -20,39 +20,24 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from .. import __version__
-from ..provenance import provenance, sha256_file
+from ..files import sha256_file
+from ..provenance import provenance
 from ..slide import Slide, SlideError, open_slide
-from ..store import SCHEMA_VERSION, BagWriter, model_tag
-from .encoders import Encoder, create_encoder
+from ..config import model_tag, resolve
+from ..store import SCHEMA_VERSION, BagWriter, write_bag
+from . import create_encoder
+from .encoders import Encoder
 
-DEFAULTS: dict[str, Any] = {
-    "model": "resnet50_trunc",
-    "tag": None,  # folder name under features/; default: the model name
-    "pretrained": False,  # timm / hub weights (needs network)
-    "weights": None,  # local weights file (safetensors or torch checkpoint)
-    "seed": 0,  # seed of the random init when neither weights nor pretrained is set
-    "batch_size": 64,
-    "num_workers": 2,  # patch-reader threads
-    "device": "auto",  # auto | cpu | cuda | cuda:N
-    "chunk_rows": 1024,  # rows per Zarr chunk; rounded up to a multiple of batch_size
-}
-
-
-def merge_params(params: dict[str, Any] | None) -> dict[str, Any]:
-    out = dict(DEFAULTS)
-    for k, v in (params or {}).items():
-        if k not in DEFAULTS:
-            raise ValueError(f"unknown features parameter {k!r} (known: {sorted(DEFAULTS)})")
-        out[k] = v
-    if int(out["batch_size"]) < 1:
-        raise ValueError("features.batch_size must be >= 1")
-    return out
+def resolve_settings(params: dict[str, Any] | None) -> dict[str, Any]:
+    """The stage's settings (``features`` section, defaults from :mod:`pipeline.config`); unknown keys or
+    invalid values raise ValueError naming the key."""
+    return resolve("features", params)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -240,7 +225,7 @@ class _SlideRun:
             RunReader(str(slide.path), slide.reader, slide.mpp, self.coords, self.plan, runs),
             len(runs), int(p["num_workers"]), pin=device.type == "cuda")
 
-    def run(self) -> dict[str, Any]:
+    def run(self, extra_attrs: dict[str, Any] | None = None) -> dict[str, Any]:
         plan, slide, enc = self.plan, self.slide, self.encoder
         progress = Progress(slide.slide_id, self.n, start=self.start, stream=self.log)
         row, pending, n_pending = self.start, [], 0
@@ -288,6 +273,7 @@ class _SlideRun:
                                      decoder=slide.decoder(int(plan["level"])),
                                      resumed_from=self.start, seconds=round(time.monotonic() - self.t0, 3),
                                      fingerprint=self.fp),
+            **(extra_attrs or {}),
         }
         self.writer.finalize(attrs)
         return attrs
@@ -302,14 +288,17 @@ def _load_encoder(p: dict[str, Any], patch_size: int, device: torch.device) -> E
 
 def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, str | os.PathLike]],
                    params: dict[str, Any] | None = None, encoder: Encoder | None = None,
-                   log=sys.stderr) -> list[dict[str, Any]]:
+                   log=sys.stderr, *, extra_attrs: dict[str, dict[str, Any]] | None = None,
+                   on_done: Callable[[str, dict[str, Any] | None, BaseException | None], None] | None = None
+                   ) -> list[dict[str, Any]]:
     """Extract several slides with one model. ``jobs``: (slide, grid, grid_path, out_path) tuples.
 
     The next slide's reader workers start while the current slide is being encoded, so the device does
     not wait on I/O between slides. A slide that fails is reported and the others still complete; the
-    first error is raised at the end.
+    first error is raised at the end, unless ``on_done(out_path, attrs, error)`` is given, which is called
+    for every slide instead. ``extra_attrs``: out path -> attributes added to that bag.
     """
-    p = merge_params(params)
+    p = resolve_settings(params)
     device = resolve_device(str(p["device"]))
     results: list[dict[str, Any]] = []
     errors: list[BaseException] = []
@@ -319,12 +308,18 @@ def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, st
         encoder = _load_encoder(p, jobs[0][1]["read_plan"]["patch_size_px"], device)
     encoder.model.to(device)
 
+    def failed(job, exc: BaseException) -> None:
+        if on_done is not None:
+            on_done(str(job[3]), None, exc)
+        else:
+            errors.append(exc)
+            print(f"ERROR [features] {exc}", file=log, flush=True)
+
     def prepare(job):
         try:
             return _SlideRun(*job, p, encoder, device, log)
         except Exception as exc:  # noqa: BLE001 - reported per slide
-            errors.append(exc)
-            print(f"ERROR [features] {exc}", file=log, flush=True)
+            failed(job, exc)
             return None
 
     nxt = prepare(jobs[0])
@@ -334,13 +329,30 @@ def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, st
         if cur is None:
             continue
         try:
-            results.append(cur.run())
+            attrs = cur.run((extra_attrs or {}).get(str(jobs[i][3])))
         except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
-            print(f"ERROR [features] {exc}", file=log, flush=True)
+            failed(jobs[i], exc)
+            continue
+        results.append(attrs)
+        if on_done is not None:
+            on_done(str(jobs[i][3]), attrs, None)
     if errors:
         raise errors[0]
     return results
+
+
+def write_failed_bag(out_path: str | os.PathLike, slide_id: str, reason: str, params: dict[str, Any] | None,
+                     stage: str = "features", cache_key: str | None = None) -> None:
+    """A schema-valid empty bag marked ``status: failed`` (``on_slide_error: skip``; MIL leaves such bags
+    out and says so). Its feature width is the encoder's, built on the meta device (no memory, no weights)."""
+    p = resolve_settings(params)
+    with torch.device("meta"):
+        dim = create_encoder(p["model"]).embed_dim
+    write_bag(out_path, np.zeros((0, dim), np.float32), np.zeros((0, 2), np.int32), {
+        "slide_id": slide_id, "status": "failed", "stage": stage, "error": reason,
+        "model": p["model"], "model_tag": model_tag(p), "weights": None, "target_mpp": None,
+        "patch_size_px": None, "level0_mpp": None, "mpp_source": None, "pipeline_version": __version__,
+        "provenance": provenance("features", p), **({"cache_key": cache_key} if cache_key else {})})
 
 
 def extract_slide(slide: Slide, grid: dict[str, Any], grid_path: str | os.PathLike, out_path: str | os.PathLike,

@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..provenance import sha256_file, write_json_atomic
-from .presets import PRESETS
+from ..files import one_line, read_json, safe_name, sha256_file, write_json_atomic
+from .catalog import PRESETS
 
 
 class WeightsError(RuntimeError):
@@ -28,13 +28,7 @@ class WeightsError(RuntimeError):
 
 
 def lock_path(name: str, cache_dir: str | os.PathLike) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    return Path(cache_dir) / f"{safe}.lock.json"
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+    return Path(cache_dir) / f"{safe_name(name)}.lock.json"
 
 
 def _reason(exc: BaseException, repo: str, gated: bool) -> str:
@@ -53,7 +47,7 @@ def _reason(exc: BaseException, repo: str, gated: bool) -> str:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):
             return f"HTTP {status}: {access}"
-    msg = f"{type(exc).__name__}: {_one_line(str(exc), 200)}"
+    msg = f"{type(exc).__name__}: {one_line(str(exc), 200)}"
     return f"{msg}; {access}" if gated else msg
 
 
@@ -104,7 +98,7 @@ def _non_hub_record(name: str, pretrained: bool = True) -> dict[str, Any]:
     preset = PRESETS.get(name)
     arch = preset.arch if preset else name
     if preset is None and not timm.is_model(arch.split(".")[0]):
-        from .encoders import list_encoders
+        from . import list_encoders
 
         raise WeightsError(f"{name}: unknown encoder (not a preset in {list_encoders()} nor a timm architecture)")
     src = None
@@ -168,6 +162,15 @@ def resolve_locked(name: str, cache_dir: str | os.PathLike, verify: bool = False
     return str(path)
 
 
+def apply_lock(settings: dict[str, Any], lock_file: str | os.PathLike) -> dict[str, Any]:
+    """Feature settings that load the weights file pinned by ``prefetch`` (``lock_file``) instead of
+    contacting the hub; unchanged when the lock pins no file (timm-hosted or random weights)."""
+    rec = read_json(lock_file, "weights lock file")
+    if isinstance(rec, dict) and rec.get("path"):
+        return {**settings, "weights": rec["path"], "pretrained": False}
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.features.weights",
                                  description="Fetch and pin encoder weights from the Hugging Face hub.")
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rec = prefetch(args.model, args.cache_dir, pretrained=not args.no_pretrained)
     except (WeightsError, ValueError, OSError) as exc:
-        msg = _one_line(str(exc), 500).removeprefix(f"{args.model}: ")
+        msg = one_line(str(exc), 500).removeprefix(f"{args.model}: ")
         print(f"prefetch {args.model}: {msg}", file=sys.stderr)
         return 2
     print(json.dumps(rec, sort_keys=True))

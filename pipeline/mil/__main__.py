@@ -11,8 +11,12 @@ import json
 import logging
 import sys
 
+from ..config import STAGE_DEFAULTS, parse_with_settings
+from ..log import setup
 from ..store import BagError
 from . import MILError, list_models, model_defaults, model_doc
+
+D = STAGE_DEFAULTS["mil"]
 
 
 def _model_arg(text: str) -> tuple[str, object]:
@@ -70,47 +74,55 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="cross-validated training; writes metrics.json, predictions.csv, fold models")
-    t.add_argument("--bags", nargs="+", required=True, metavar="PATH",
+    t.add_argument("--bags", nargs="+", default=None, metavar="PATH",
                    help="bag folders and/or single *.zarr bags")
+    t.add_argument("--bags-file", default=None, metavar="FILE", help="file with bag paths, one per line")
     t.add_argument("--labels", required=True, metavar="CSV",
                    help="slide_id,label[,patient_id][,split] or slide_id,time,event[,patient_id][,split] CSV")
-    t.add_argument("--model", default="abmil", help=f"registered model (default abmil; {', '.join(list_models())})")
+    t.add_argument("--settings", default=None, help="the mil settings as a JSON object (the workflow's `mil` "
+                                                   "section): defaults of the options below")
+    t.add_argument("--model", default=D["model"], help=f"registered model (default {D['model']}; "
+                                                       f"{', '.join(list_models())})")
     t.add_argument("--out", required=True, metavar="DIR")
-    t.add_argument("--task", default="auto", choices=["auto", "classification", "survival", "regression"],
+    t.add_argument("--task", default=D["task"], choices=["auto", "classification", "survival", "regression"],
                    help="default auto: time+event columns -> survival, non-integer numeric label -> regression, "
                         "else classification")
-    t.add_argument("--folds", type=int, default=5,
+    t.add_argument("--folds", type=int, default=D["folds"],
                    help="CV folds (1 = one model on all bags; default 5; a split column in the labels wins)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--epochs", type=int, default=50)
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default: the model paper's)")
-    t.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the model paper's)")
-    t.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (default 10)")
-    t.add_argument("--val-fraction", type=float, default=0.2,
-                   help="validation share of each training fold, for early stopping (default 0.2)")
-    t.add_argument("--batch-size", type=int, default=None,
+    t.add_argument("--seed", type=int, default=D["seed"])
+    t.add_argument("--epochs", type=int, default=D["epochs"])
+    t.add_argument("--lr", type=float, default=D["lr"], help="learning rate (default: the model paper's)")
+    t.add_argument("--weight-decay", type=float, default=D["weight_decay"],
+                   help="AdamW weight decay (default: the model paper's)")
+    t.add_argument("--patience", type=int, default=D["patience"], help="early-stopping patience in epochs")
+    t.add_argument("--val-fraction", type=float, default=D["val_fraction"],
+                   help="validation share of each training fold, for early stopping")
+    t.add_argument("--batch-size", type=int, default=D["batch_size"],
                    help="bags per optimiser step (default 1; 32 with --survival-loss cox)")
-    t.add_argument("--balance", default="loss", choices=["loss", "sampler", "none"],
+    t.add_argument("--balance", default=D["balance"], choices=["loss", "sampler", "none"],
                    help="class imbalance: class-weighted loss (default), class-balanced sampling, or none")
-    t.add_argument("--max-instances", type=int, default=None, metavar="N",
+    t.add_argument("--max-instances", type=int, default=D["max_instances"], metavar="N",
                    help="train on a random subset of at most N instances per bag and step (default: all)")
-    t.add_argument("--standardize", action="store_true",
+    t.add_argument("--standardize", action="store_true", default=D["standardize"],
                    help="standardise features with the mean/std of each fold's training bags (out of core)")
-    t.add_argument("--aem-lambda", type=float, default=0.0,
+    t.add_argument("--aem-lambda", type=float, default=D["aem_lambda"],
                    help="weight of the attention-entropy maximisation term of AEM (attention models; default 0)")
-    t.add_argument("--survival-loss", default="nll", choices=["nll", "cox"], help="survival loss (default nll)")
-    t.add_argument("--n-bins", type=int, default=4, help="time intervals of the discrete-time survival loss")
-    t.add_argument("--regression-loss", default="mse", choices=["mse", "mae"], help="regression loss (default mse)")
-    t.add_argument("--hidden-dim", type=int, default=None, help="model hidden size (model default if unset)")
-    t.add_argument("--attn-dim", type=int, default=None, help="attention size (model default if unset)")
-    t.add_argument("--dropout", type=float, default=None, help="dropout (model default if unset)")
+    t.add_argument("--survival-loss", default=D["survival_loss"], choices=["nll", "cox"], help="survival loss")
+    t.add_argument("--n-bins", type=int, default=D["n_bins"], help="time intervals of the discrete-time survival loss")
+    t.add_argument("--regression-loss", default=D["regression_loss"], choices=["mse", "mae"], help="regression loss")
+    t.add_argument("--hidden-dim", type=int, default=D["hidden_dim"], help="model hidden size (model default if unset)")
+    t.add_argument("--attn-dim", type=int, default=D["attn_dim"], help="attention size (model default if unset)")
+    t.add_argument("--dropout", type=float, default=D["dropout"], help="dropout (model default if unset)")
     t.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE",
                    help="any other model hyper-parameter, e.g. k_sample=8 (repeatable; see `models`)")
-    t.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    t.add_argument("--device", default=D["device"], help="torch device (default: cuda if available, else cpu)")
+    t.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    t.set_defaults(model_args=dict(D["model_args"]))
 
     r = sub.add_parser("predict", help="predict bags with the fold models of a training run")
     r.add_argument("--model-dir", required=True, metavar="DIR", help="a finished `train --out` folder")
-    r.add_argument("--bags", nargs="+", required=True, metavar="PATH")
+    r.add_argument("--bags", nargs="+", default=None, metavar="PATH")
+    r.add_argument("--bags-file", default=None, metavar="FILE", help="file with bag paths, one per line")
     r.add_argument("--out", required=True, metavar="CSV")
     r.add_argument("--attention-dir", default=None, metavar="DIR",
                    help="write {slide_id}.csv with x,y and the per-patch attention and/or instance scores")
@@ -120,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("runs", nargs="+", metavar="DIR", help="`train --out` folders")
 
     e = sub.add_parser("export", help="one cohort feature table from a bag folder (written chunk by chunk)")
-    e.add_argument("--bags", nargs="+", required=True, metavar="PATH")
+    e.add_argument("--bags", nargs="+", default=None, metavar="PATH")
+    e.add_argument("--bags-file", default=None, metavar="FILE", help="file with bag paths, one per line")
     e.add_argument("--out", required=True, metavar="TABLE", help="*.zarr (Zarr v3 group) or *.csv")
     e.add_argument("--chunk-rows", type=int, default=4096)
 
@@ -129,14 +142,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _bag_paths(args: argparse.Namespace) -> list[str]:
+    """``--bags`` and/or the lines of ``--bags-file`` (a workflow passes thousands of bags as a file)."""
+    from pathlib import Path
+
+    paths = list(args.bags or [])
+    if args.bags_file:
+        try:
+            paths += [ln for ln in Path(args.bags_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except OSError as exc:
+            raise MILError(f"{args.bags_file}: cannot read the bag list ({exc.strerror or exc})") from None
+    if not paths:
+        raise MILError("no bags given (--bags PATH ... or --bags-file FILE)")
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    args = parse_with_settings(parser, argv, "mil", target=sub.choices["train"])
     logger = logging.getLogger("pipeline.mil")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("mil: %(message)s"))
-    logger.addHandler(handler)
-    old_level = logger.level
-    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    handler = setup(logging.WARNING if args.quiet else logging.INFO)
     try:
         if args.cmd == "models":
             from . import resolve_model_kwargs
@@ -153,8 +179,13 @@ def main(argv: list[str] | None = None) -> int:
 
             kw = {k: v for k, v in (("hidden_dim", args.hidden_dim), ("attn_dim", args.attn_dim),
                                     ("dropout", args.dropout)) if v is not None}
+            kw.update(args.model_args or {})
             kw.update(dict(args.model_arg))
-            train(args.bags, args.labels, args.out, model=args.model, folds=args.folds, seed=args.seed,
+            if args.threads:
+                import torch
+
+                torch.set_num_threads(max(1, args.threads))
+            train(_bag_paths(args), args.labels, args.out, model=args.model, folds=args.folds, seed=args.seed,
                   epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, patience=args.patience,
                   val_fraction=args.val_fraction, model_kwargs=kw, device=args.device, task=args.task,
                   batch_size=args.batch_size, balance=args.balance, max_instances=args.max_instances,
@@ -163,13 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "predict":
             from .predict import predict
 
-            predict(args.model_dir, args.bags, args.out, attention_dir=args.attention_dir, device=args.device)
+            predict(args.model_dir, _bag_paths(args), args.out, attention_dir=args.attention_dir, device=args.device)
         elif args.cmd == "compare":
             print(compare_runs(args.runs))
         elif args.cmd == "export":
             from .cohort import export_table
 
-            info = export_table(args.bags, args.out, chunk_rows=args.chunk_rows)
+            info = export_table(_bag_paths(args), args.out, chunk_rows=args.chunk_rows)
             logger.info("%d rows from %d slide(s), %d features -> %s", info["rows"], info["slides"], info["dim"],
                         info["path"])
     except (BagError, MILError) as exc:
@@ -180,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         logger.removeHandler(handler)
-        logger.setLevel(old_level)
     return 0
 
 

@@ -16,8 +16,6 @@ Two consumers, both out of core (dask evaluates chunk by chunk, so memory holds 
 cohort): :func:`feature_stats` (per-dimension mean and standard deviation over a set of slides, used for
 the training-fold feature standardisation) and :func:`export_table` (one cohort feature table, Zarr or
 CSV, written chunk by chunk).
-
-The pipeline's bag module (``pipeline.store``) re-exports ``cohort_view`` and ``export_table``.
 """
 
 from __future__ import annotations
@@ -176,7 +174,7 @@ def export_table(source: str | os.PathLike | Iterable[str | os.PathLike] | Cohor
     slide), ``feature_attrs``. Otherwise a CSV ``slide_id,x,y,f0..f{D-1}``. Written under a temporary name
     and moved into place when complete. Returns a summary (rows, slides, dim, path).
     """
-    from ..provenance import atomic_path
+    from ..files import atomic_path
 
     view = source if isinstance(source, CohortView) else cohort_view(source)
     out = Path(out)

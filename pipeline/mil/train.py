@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 
 from .. import STAGE_VERSIONS, __version__
-from ..provenance import atomic_path, provenance, sha256_file, write_json_atomic
+from ..files import atomic_path, sha256_file, write_json_atomic
+from ..provenance import provenance
 from . import MILError, create_model, model_defaults, resolve_model_kwargs
 from .data import MILDataset, load_dataset
 from .tasks import (METRIC_KEYS, PRIMARY_METRIC, REGRESSION_LOSSES, SURVIVAL_LOSSES, ClassificationTask,
@@ -422,7 +423,7 @@ def write_csv_atomic(df: pd.DataFrame, path: str | os.PathLike) -> None:
 def train(bags: Iterable[str | os.PathLike], labels: str | os.PathLike, out_dir: str | os.PathLike, *,
           model: str = "abmil", folds: int = 5, seed: int = 0, epochs: int = 50, lr: float | None = None,
           weight_decay: float | None = None, patience: int = 10, val_fraction: float = 0.2,
-          model_kwargs: dict[str, Any] | None = None, device: str | None = None, task: str | None = None,
+          model_kwargs: dict[str, Any] | None = None, device: str | None = None, task: str | None = "auto",
           **settings: Any) -> dict[str, Any]:
     """Load bags + labels and run :func:`train_dataset`; returns the metrics dict (also in metrics.json).
 

@@ -1,141 +1,165 @@
-# Helpers shared by the rules: config validation, slide discovery, paths and stage params.
+# Shared by the rules: the configuration resolved once, the slides, the results layout and input functions.
+#
+# The config is validated against workflow/schemas/config.schema.yaml and every section resolved by
+# pipeline.config (the one home of every default). Each rule hands its stage the resolved settings as one
+# `--settings` JSON object, and the same JSON is in the rule's params, so a changed setting (or a changed
+# default) reruns exactly that stage and what depends on it. Paths come from pipeline.layout.Layout.
+# Nothing here imports torch: planning stays fast.
 
 import json
 import sys
 from pathlib import Path
 
-import jsonschema
-import yaml
-
 from pipeline import STAGE_VERSIONS
+from pipeline.config import ConfigError, load_schema, load_workflow_config
+from pipeline.files import safe_name
+from pipeline.layout import Layout
 from pipeline.provenance import fingerprints
-from pipeline.store import model_tag
-from pipeline.slide import SLIDE_EXTENSIONS, SlideError, discover_slides, manifest_mpp, read_manifest
+from pipeline.slide import SlideError, discover_slides, manifest_mpp, read_manifest
 
-
-def _coerce(cfg, schema):
-    """`--config 'grid={target_mpp: 1.0}'` arrives as strings inside sections: convert a string to the
-    number/boolean/null its schema expects (only where the schema does not allow a string)."""
-    if not isinstance(cfg, dict):
-        return
-    for key, value in cfg.items():
-        sub = (schema.get("properties") or {}).get(key) or {}
-        if isinstance(value, dict):
-            _coerce(value, sub)
-            continue
-        types = sub.get("type", [])
-        types = [types] if isinstance(types, str) else types
-        if isinstance(value, str) and types and "string" not in types:
-            parsed = yaml.safe_load(value)
-            if isinstance(parsed, (int, float, bool)) or parsed is None:
-                cfg[key] = parsed
-
-
-def _validate_config(cfg):
-    schema_path = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
-    schema = yaml.safe_load(schema_path.read_text())
-    _coerce(cfg, schema)
-    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(cfg), key=lambda e: list(e.path))
-    if errors:
-        lines = []
-        for e in errors:
-            where = ".".join(str(p) for p in e.path) or "(top level)"
-            lines.append(f"  config key {where}: {e.message}")
-        raise ValueError("invalid configuration (see workflow/schemas/config.schema.yaml):\n" + "\n".join(lines))
-
-
-_validate_config(config)
-
-RESULTS = config["results_dir"].rstrip("/")
-TAG = model_tag(config.get("features") or {})
-LABELS = config.get("labels_csv") or None
 
 try:
-    SLIDES = discover_slides(config["slides_dir"], tuple(config.get("extensions") or SLIDE_EXTENSIONS))
+    CFG = load_workflow_config(config, load_schema(Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"))
+except ConfigError as exc:
+    raise ValueError(str(exc)) from None
+
+TOP = CFG.top
+RESULTS = CFG.results_dir
+TAG = CFG.tag
+LAYOUT = Layout(RESULTS, TAG)
+LABELS = TOP["labels_csv"] or None
+MIL_MODEL = CFG.stages["mil"]["model"]
+FEATURES = CFG.stages["features"]
+
+try:
+    SLIDES = discover_slides(TOP["slides_dir"], tuple(TOP["extensions"]))
     MANIFEST = read_manifest(LABELS)
 except SlideError as exc:
     raise ValueError(f"cannot start: {exc}") from None
 
 if not SLIDES:
-    print(f"warning: no slide files found in {config['slides_dir']}", file=sys.stderr)
+    print(f"warning: no slide files found in {TOP['slides_dir']}", file=sys.stderr)
 
 MIL_SLIDES = sorted(s for s in SLIDES if s in MANIFEST) if LABELS else []
 if LABELS:
     _missing = sorted(set(MANIFEST) - set(SLIDES))
     if _missing:
-        print(f"warning: {len(_missing)} slide(s) in {LABELS} have no file in {config['slides_dir']}: "
+        print(f"warning: {len(_missing)} slide(s) in {LABELS} have no file in {TOP['slides_dir']}: "
               f"{', '.join(_missing[:10])}{' ...' if len(_missing) > 10 else ''}", file=sys.stderr)
 
 
 # Content fingerprints: a slide replaced by a different file reruns (it is in the tissue rule's params);
 # touching a file does not (the profiles use content, settings and code as rerun triggers, not mtimes).
-CONTENT = fingerprints(SLIDES, Path(RESULTS) / ".fingerprints.json")
+CONTENT = fingerprints(SLIDES, LAYOUT.fingerprints_cache())
 LABELS_CONTENT = fingerprints({"labels": Path(LABELS)})["labels"] if LABELS else None
+
+
+# Feature jobs encode batches of slides (features.slides_per_job, in sorted slide order) with one encoder
+# each; the bags are a cache checked by content (pipeline/features/batch.py). With on_slide_error: fail a
+# broken slide must stop only itself, so every feature job then holds one slide.
+_PER_JOB = 1 if TOP["on_slide_error"] == "fail" else FEATURES["slides_per_job"]
+_ORDER = sorted(SLIDES)
+BATCHES = {f"{k:05d}": _ORDER[i:i + _PER_JOB] for k, i in enumerate(range(0, len(_ORDER), _PER_JOB))}
+BATCH_OF = {s: b for b, members in BATCHES.items() for s in members}
+
+
+def bag_manifests(slides):
+    """The feature-batch manifests that stand for the bags of ``slides`` (the jobs' outputs)."""
+    return sorted({LAYOUT.features_batch(BATCH_OF[s]) for s in slides})
+
+
+def batch_spec(wildcards):
+    """The batch of one feature job as JSON: per slide its id, file, grid, bag, manifest µm/px and content
+    fingerprint (so a changed slide, grid or mpp changes this job's params and reruns it)."""
+    rows = []
+    for s in BATCHES[wildcards.batch]:
+        row = {"slide_id": s, "slide": str(SLIDES[s]), "grid": LAYOUT.grid(s), "out": LAYOUT.bag(s),
+               "content": CONTENT[s]}
+        try:
+            mpp = manifest_mpp(MANIFEST, s)
+        except SlideError as exc:
+            raise ValueError(f"{LABELS}: {exc}") from None
+        if mpp is not None:
+            row["mpp"] = mpp
+        rows.append(row)
+    return json.dumps(rows, ensure_ascii=False)
+
+
+# Cohort-wide lists (one slide id or bag path per line) for the rules that take the whole cohort (MIL,
+# report, pre-flight), so that no command line carries thousands of paths. Written when a run starts; the
+# same lists are those rules' inputs, so a slide added or removed reruns them.
+COHORT_LISTS = {
+    "slides": sorted(SLIDES),
+    "bags": [LAYOUT.bag(s) for s in SLIDES],
+    "mil_bags": [LAYOUT.bag(s) for s in MIL_SLIDES],
+}
 
 
 wildcard_constraints:
     slide="[^/]+",
+    mil_model="[^/]+",
+    batch="[0-9]+",
+
+
+def settings(stage):
+    """A stage's resolved settings as canonical JSON: what its command gets and what Snakemake compares."""
+    return CFG.settings(stage)
 
 
 def slide_path(wildcards):
     return str(SLIDES[wildcards.slide])
 
 
-def stage_settings(section):
-    """A stage's own config section, canonical JSON (the value Snakemake compares for reruns)."""
-    return json.dumps(config.get(section) or {}, sort_keys=True)
+def common_slide_args():
+    """Options every slide stage gets: reader, failure handling, default mpp."""
+    args = f"--reader {TOP['reader']} --on-error {TOP['on_slide_error']} --results-dir '{RESULTS}'"
+    if TOP["default_mpp"] is not None:
+        args += f" --default-mpp {TOP['default_mpp']}"
+    return args
 
 
 def slide_args(wildcards):
-    """Options every per-slide stage gets: reader, the slide's manifest mpp (if any), failure handling.
-    Per slide, so that changing one slide's mpp in the labels CSV reruns that slide only."""
-    args = (f"--reader {config.get('reader', 'auto')} --on-error {config.get('on_slide_error', 'skip')} "
-            f"--results-dir '{RESULTS}'")
+    """common_slide_args() plus the slide's manifest mpp (if any). Per slide, so that changing one slide's
+    mpp in the labels CSV reruns that slide only."""
+    args = common_slide_args()
     try:
         mpp = manifest_mpp(MANIFEST, wildcards.slide)
     except SlideError as exc:
         raise ValueError(f"{LABELS}: {exc}") from None
     if mpp is not None:
         args += f" --mpp {mpp}"
-    if config.get("default_mpp") is not None:
-        args += f" --default-mpp {config['default_mpp']}"
     return args
-
-
-WEIGHTS_NAME = "".join(c if c.isalnum() or c in "-_." else "_"
-                       for c in str((config.get("features") or {}).get("model", "resnet50_trunc")))
 
 
 def weights_lock():
     """The pinned-weights lock file, when weights come from the hub (features.pretrained)."""
-    if (config.get("features") or {}).get("pretrained"):
-        return [f"{RESULTS}/weights/{WEIGHTS_NAME}.lock.json"]
-    return []
+    return [LAYOUT.weights_lock(FEATURES["model"])] if FEATURES["pretrained"] else []
 
 
-def bag(slide):
-    return f"{RESULTS}/features/{TAG}/{slide}.zarr"
+def mil_targets(mil_model=None):
+    """The MIL outputs and heatmaps of the configured model (none without labels)."""
+    if not MIL_SLIDES:
+        return []
+    m = mil_model or MIL_MODEL
+    return [LAYOUT.mil_file(m, "metrics.json"), LAYOUT.mil_file(m, "predictions_all.csv")] + heatmap_targets(m)
+
+
+def heatmap_targets(mil_model=None):
+    """PNG + GeoJSON heatmap of every slide for the configured MIL model (none without labels)."""
+    if not MIL_SLIDES:
+        return []
+    m = mil_model or MIL_MODEL
+    return [LAYOUT.heatmap(m, s, ext) for s in SLIDES for ext in ("png", "geojson")]
 
 
 def all_targets():
     targets = []
     for s in SLIDES:
-        targets += [f"{RESULTS}/tissue/{s}/tissue.json", f"{RESULTS}/grid/{s}.json", bag(s)]
-    if MIL_SLIDES:
-        m = config["mil"]["model"]
-        targets += [f"{RESULTS}/mil/{TAG}/{m}/metrics.json", f"{RESULTS}/mil/{TAG}/{m}/predictions_all.csv"]
-        targets += heatmap_targets()
-    targets.append(f"{RESULTS}/report/index.html")
+        targets += [LAYOUT.tissue_json(s), LAYOUT.grid(s)]
+    targets += bag_manifests(SLIDES)
+    targets += mil_targets()
+    targets.append(LAYOUT.report_html())
     return targets
-
-
-def mil_args():
-    """Command-line options of `python -m pipeline.mil train` from the mil config section."""
-    m = config["mil"]
-    keys = {"folds": "--folds", "seed": "--seed", "epochs": "--epochs", "lr": "--lr",
-            "weight_decay": "--weight-decay", "patience": "--patience", "hidden_dim": "--hidden-dim",
-            "dropout": "--dropout", "val_fraction": "--val-fraction"}
-    return " ".join(f"{flag} {m[k]}" for k, flag in keys.items() if m.get(k) is not None)
 
 
 def write_failure_summary():
@@ -144,6 +168,14 @@ def write_failure_summary():
 
     if Path(RESULTS).is_dir():
         write_summary(RESULTS, list(SLIDES))
+
+
+def write_cohort_lists():
+    """Write the COHORT_LISTS files (at the start of a run, before any job reads them)."""
+    from pipeline.files import write_text_atomic
+
+    for name, lines in COHORT_LISTS.items():
+        write_text_atomic(LAYOUT.cohort_file(f"{name}.txt"), "".join(f"{line}\n" for line in lines))
 
 
 def lock_results_dir():
@@ -155,11 +187,3 @@ def lock_results_dir():
     except RunLockError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1)
-
-
-def heatmap_targets(mil_model=None):
-    """PNG + GeoJSON heatmap of every slide for the configured MIL model (none without labels)."""
-    if not MIL_SLIDES:
-        return []
-    m = mil_model or config["mil"]["model"]
-    return [f"{RESULTS}/heatmaps/{TAG}/{m}/{s}.{ext}" for s in SLIDES for ext in ("png", "geojson")]

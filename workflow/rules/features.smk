@@ -1,44 +1,47 @@
 rule prefetch_weights:
     """Download and pin the encoder weights once (on the submitting node, which has network) before the
-    per-slide feature jobs fan out; the jobs then load the pinned file by path and sha256."""
+    feature jobs fan out; the jobs then load the pinned file by path and sha256."""
     output:
-        f"{RESULTS}/weights/{WEIGHTS_NAME}.lock.json",
+        LAYOUT.weights_lock(FEATURES["model"]),
     params:
-        model=(config.get("features") or {}).get("model", "resnet50_trunc"),
+        model=FEATURES["model"],
         version=STAGE_VERSIONS["features"],
     log:
-        f"{RESULTS}/logs/weights/{WEIGHTS_NAME}.log",
+        LAYOUT.log("weights", safe_name(FEATURES["model"])),
     localrule: True
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.features.weights prefetch --model {params.model:q} "
+        "python -m pipeline weights prefetch --model {params.model:q} "
         "--cache-dir \"$(dirname {output:q})\" > {log:q} 2>&1"
 
 
 rule features:
-    """Encode every grid patch of one slide into a Zarr v3 bag (written to a partial sibling, renamed
-    into place when complete; an interrupted job resumes from its last finished chunk)."""
+    """Encode the grid patches of a batch of slides into one Zarr v3 bag per slide, with one encoder for
+    the batch (features.slides_per_job). Bags already up to date (same slide content, grid, settings and
+    weights) are kept untouched; a bag is written to a partial sibling and renamed into place when
+    complete, and an interrupted job resumes within the slide it was on. Output: the batch manifest."""
     input:
-        slide=slide_path,
-        grid=rules.grid.output[0],
+        slides=lambda wildcards: [str(SLIDES[s]) for s in BATCHES[wildcards.batch]],
+        grids=lambda wildcards: [LAYOUT.grid(s) for s in BATCHES[wildcards.batch]],
         weights_lock=weights_lock(),
     output:
-        directory(f"{RESULTS}/features/{TAG}/{{slide}}.zarr"),
+        LAYOUT.features_batch("{batch}"),
     params:
-        settings=stage_settings("features"),
-        slide_args=slide_args,
+        settings=settings("features"),
+        batch=batch_spec,
+        slide_args=common_slide_args(),
         lock=lambda wildcards, input: f"--weights-lock '{input.weights_lock}'" if input.weights_lock else "",
         version=STAGE_VERSIONS["features"],
     conda:
         "../../envs/pipeline.yaml"
     log:
-        f"{RESULTS}/logs/features/{TAG}/{{slide}}.log",
-    threads: 2 + int((config.get("features") or {}).get("num_workers", 2))
+        LAYOUT.log("features", f"{TAG}/batch_{{batch}}"),
+    threads: 2 + FEATURES["num_workers"]
     resources:
         mem_mb=16000,
         runtime=240,
-        gpu=int(config.get("gpus_per_feature_job", 1)),
+        gpu=TOP["gpus_per_feature_job"],
     shell:
-        "python -m pipeline features --slide {input.slide:q} --grid {input.grid:q} --out {output:q} {params.lock} "
-        "--threads {threads} {params.slide_args} --settings {params.settings:q} > {log:q} 2>&1"
+        "python -m pipeline features --batch {params.batch:q} --batch-id {wildcards.batch} --manifest {output:q} "
+        "{params.lock} --threads {threads} {params.slide_args} --settings {params.settings:q} > {log:q} 2>&1"

@@ -5,15 +5,15 @@ rule grid:
         tissue=rules.tissue.output.stats,
         mask=rules.tissue.output.mask,
     output:
-        f"{RESULTS}/grid/{{slide}}.json",
+        LAYOUT.grid("{slide}"),
     params:
-        settings=stage_settings("grid"),
+        settings=settings("grid"),
         slide_args=slide_args,
         version=STAGE_VERSIONS["grid"],
     conda:
         "../../envs/pipeline.yaml"
     log:
-        f"{RESULTS}/logs/grid/{{slide}}.log",
+        LAYOUT.log("grid", "{slide}"),
     resources:
         mem_mb=2000,
         runtime=15,

@@ -11,20 +11,19 @@ rule heatmap:
         tissue=rules.tissue.output.stats,
         grid=rules.grid.output[0],
     output:
-        png=f"{RESULTS}/heatmaps/{TAG}/{{mil_model}}/{{slide}}.png",
-        geojson=f"{RESULTS}/heatmaps/{TAG}/{{mil_model}}/{{slide}}.geojson",
-    wildcard_constraints:
-        mil_model="[^/]+",
+        png=LAYOUT.heatmap("{mil_model}", "{slide}", "png"),
+        geojson=LAYOUT.heatmap("{mil_model}", "{slide}", "geojson"),
     params:
+        settings=settings("heatmap"),
         version=STAGE_VERSIONS["heatmap"],
     conda:
         "../../envs/pipeline.yaml"
     log:
-        f"{RESULTS}/logs/heatmap/{TAG}/{{mil_model}}/{{slide}}.log",
+        LAYOUT.log("heatmap", f"{TAG}/{{mil_model}}/{{slide}}"),
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m pipeline.heatmap --scores {input.attention:q}/{wildcards.slide:q}.csv "
-        "--tissue-dir \"$(dirname {input.tissue:q})\" --grid {input.grid:q} "
+        "python -m pipeline heatmap --scores {input.attention:q}/{wildcards.slide:q}.csv "
+        "--tissue-dir \"$(dirname {input.tissue:q})\" --grid {input.grid:q} --settings {params.settings:q} "
         "--out-png {output.png:q} --out-geojson {output.geojson:q} > {log:q} 2>&1"

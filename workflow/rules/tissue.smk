@@ -3,19 +3,19 @@ rule tissue:
     input:
         slide=slide_path,
     output:
-        mask=f"{RESULTS}/tissue/{{slide}}/mask.png",
-        thumbnail=f"{RESULTS}/tissue/{{slide}}/thumbnail.png",
-        geojson=f"{RESULTS}/tissue/{{slide}}/tissue.geojson",
-        stats=f"{RESULTS}/tissue/{{slide}}/tissue.json",
+        mask=LAYOUT.tissue_file("{slide}", "mask"),
+        thumbnail=LAYOUT.tissue_file("{slide}", "thumbnail"),
+        geojson=LAYOUT.tissue_file("{slide}", "geojson"),
+        stats=LAYOUT.tissue_json("{slide}"),
     params:
-        settings=stage_settings("tissue"),
+        settings=settings("tissue"),
         content=lambda wildcards: CONTENT[wildcards.slide],
         slide_args=slide_args,
         version=STAGE_VERSIONS["tissue"],
     conda:
         "../../envs/pipeline.yaml"
     log:
-        f"{RESULTS}/logs/tissue/{{slide}}.log",
+        LAYOUT.log("tissue", "{slide}"),
     resources:
         mem_mb=4000,
         runtime=30,
