@@ -5,6 +5,13 @@ built with ``num_classes=0`` so it returns its pooled embedding. Named presets (
 can be registered with :func:`register_encoder` for encoders that need specific kwargs, normalisation or
 token pooling.
 
+The embedding size is what the encoder returns, measured in one place: :func:`create_encoder` runs one
+forward pass of a patch of ``input_size`` px on the meta device (shapes only: no memory, no compute) and
+records the width (:func:`measure_embed_dim`). timm's ``num_features`` is not used: with
+``num_classes=0`` several families (MobileNetV3/V4, GhostNet, HGNetV2, EfficientViT, ...) return their
+pre-logits (``head_hidden_size``), which is wider. An encoder whose output is not one vector per patch
+(a feature map, a token sequence, a detection or segmentation output) is refused when it is built.
+
 Weights, in order: a local file (``weights=PATH``: safetensors or a torch checkpoint), the hub
 (``pretrained=True``, needs network; timm/Hugging Face cache), or a seeded random init (tests and the
 demo only; recorded as ``"random"`` in every bag).
@@ -26,11 +33,15 @@ from .catalog import IMAGENET_MEAN, IMAGENET_STD
 
 @dataclass
 class Encoder:
-    """A ready-to-run encoder: uint8 patches in, one embedding per patch out."""
+    """A ready-to-run encoder: uint8 patches in, one embedding per patch out.
+
+    ``embed_dim``: the width of :meth:`embed`'s output. A builder may leave it ``None`` (plain timm
+    models) or declare the width it expects (presets: the model card's); :func:`create_encoder` measures
+    it and refuses an encoder that returns anything else."""
 
     name: str
     model: nn.Module
-    embed_dim: int
+    embed_dim: int | None
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -129,23 +140,28 @@ def timm_encoder(name: str, arch: str | None = None, weights: str | None = None,
     kw = {"num_classes": 0, **(model_kwargs or {})}
     if weights and pretrained:
         raise ValueError("set either features.weights (local file) or features.pretrained, not both")
-    torch.manual_seed(int(seed))  # random init must be identical in every job of a cohort
-    try:
-        model = timm.create_model(arch, pretrained=bool(pretrained), **kw)
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc):
-            raise ValueError(f"unknown encoder {name!r}: not a registered preset ({list_encoders()}) "
-                             f"nor a timm architecture") from exc
-        raise
-    default_size = int(((getattr(model, "pretrained_cfg", {}) or {}).get("input_size") or (3, 224, 224))[-1])
-    if input_size and int(input_size) != default_size and "img_size" not in kw:
-        # Fixed-size architectures (ViTs) are rebuilt for the patch size (timm resamples position
-        # embeddings of pretrained weights); patches are never resized, which would change the µm/px.
+
+    def build(**extra: Any) -> nn.Module:
+        torch.manual_seed(int(seed))  # random init must be identical in every job of a cohort
         try:
-            torch.manual_seed(int(seed))
-            model = timm.create_model(arch, pretrained=bool(pretrained), img_size=int(input_size), **kw)
+            return timm.create_model(arch, pretrained=bool(pretrained), **extra, **kw)
+        except RuntimeError as exc:
+            if "Unknown model" in str(exc):
+                raise ValueError(f"unknown encoder {name!r}: not a registered preset ({list_encoders()}) "
+                                 f"nor a timm architecture") from exc
+            raise
+
+    model = None
+    if input_size and "img_size" not in kw:
+        # Fixed-size architectures (ViTs, some hybrids) are built for the patch size, once (timm resamples
+        # position embeddings of pretrained weights); patches are never resized, which would change the
+        # µm/px. Architectures without an img_size argument (convolutional) take any size as they are.
+        try:
+            model = build(img_size=int(input_size))
         except TypeError:
-            pass  # convolutional: accepts any input size as it is
+            model = None
+    if model is None:
+        model = build()
     if weights:
         info: Any = load_weights_file(model, weights)
     elif pretrained:
@@ -157,19 +173,116 @@ def timm_encoder(name: str, arch: str | None = None, weights: str | None = None,
     model.eval()
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     size = input_size or int((cfg.get("input_size") or (3, 224, 224))[-1])
-    return Encoder(
-        name=name, model=model, embed_dim=int(model.num_features), input_size=int(size),
+    return Encoder(  # embed_dim: measured by create_encoder (num_features is not what every family returns)
+        name=name, model=model, embed_dim=None, input_size=int(size),
         mean=tuple(mean or cfg.get("mean") or IMAGENET_MEAN), std=tuple(std or cfg.get("std") or IMAGENET_STD),
         weights=info, precision=precision, pool=pool,
     )
 
 
+def _describe(out: Any) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"shape {tuple(out.shape)} ({str(out.dtype).removeprefix('torch.')})"
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)} [{', '.join(_describe(o) for o in out[:4])}" \
+               f"{', ...' if len(out) > 4 else ''}]"
+    if isinstance(out, dict):
+        return f"a dict with keys {list(out)[:6]}"
+    return f"a {type(out).__name__}"
+
+
+class _Probe(nn.Module):
+    """``encoder.embed`` as a module, so that :func:`torch.func.functional_call` can swap its tensors."""
+
+    def __init__(self, model: nn.Module, pool: Callable | None):
+        super().__init__()
+        self.model, self._pool = model, pool
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self._pool(self.model, x) if self._pool is not None else self.model(x)
+
+
+def _meta_forward(model: nn.Module, pool: Callable | None, x: torch.Tensor) -> Any:
+    """``pool(model, x)`` with every parameter and buffer replaced by a meta tensor of its shape and dtype:
+    shapes are propagated, nothing is allocated or computed, the model itself is left as it is."""
+    from torch.func import functional_call
+
+    probe = _Probe(model, pool)
+    tensors = {k: torch.empty_like(v, device="meta") for k, v in  # tied weights: named once, tied by torch
+               [*probe.named_parameters(), *probe.named_buffers()]}
+    return functional_call(probe, tensors, (x,), strict=False)
+
+
+def measure_embed_dim(name: str, model: nn.Module, input_size: int,
+                      pool: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> int:
+    """The width D of what ``pool(model, x)`` (or ``model(x)``) returns for patches of ``input_size`` px.
+
+    Runs one forward pass of a batch of two blank patches on the meta device (the model's own tensors
+    are not touched, so this costs no memory whatever the model size). Where a model cannot run on the
+    meta device (an operation without a meta kernel, data-dependent control flow), a model with real
+    weights embeds one real blank patch instead; an empty (meta) model falls back to timm's
+    ``head_hidden_size`` (the width of the pre-logits that ``num_classes=0`` returns), with a warning.
+
+    Raises ``ValueError`` naming the model and what it returned when the output is not one float vector
+    per patch, shape (B, D): a feature map (B, C, H, W), a token sequence (B, N, D), a tuple or dict
+    (detection, segmentation, ``features_only`` models).
+    """
+    import warnings
+
+    size = int(input_size)
+    was_training = model.training
+    model.eval()
+    batch = 2
+    try:
+        with torch.no_grad():
+            try:
+                out = _meta_forward(model, pool, torch.zeros(batch, 3, size, size, device="meta"))
+            except Exception as exc:  # noqa: BLE001 - no meta kernel / data-dependent: try for real
+                first = next(iter(model.parameters()), None)
+                if first is None or first.is_meta:
+                    width = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
+                    if not width:
+                        raise ValueError(f"encoder {name!r}: cannot measure its embedding size on the meta "
+                                         f"device ({type(exc).__name__}: {exc})") from exc
+                    warnings.warn(f"encoder {name!r}: cannot run on the meta device ({type(exc).__name__}); "
+                                  f"embedding size taken from the model's attributes ({int(width)})",
+                                  stacklevel=3)
+                    return int(width)
+                batch = 1
+                x = torch.zeros(batch, 3, size, size, device=first.device, dtype=torch.float32)
+                out = _Probe(model, pool)(x)
+    finally:
+        model.train(was_training)
+    if (not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != batch or out.shape[1] < 1
+            or not out.is_floating_point()):
+        raise ValueError(f"encoder {name!r} ({type(model).__name__}) returned {_describe(out)} for a batch of "
+                         f"{batch} patches of {size} px: an encoder must return one float vector per patch, "
+                         f"shape ({batch}, D). Feature maps, token sequences and detection or segmentation "
+                         f"outputs are not embeddings (for a timm model keep its global pooling and "
+                         f"num_classes=0, or register an encoder with a pool function)")
+    return int(out.shape[1])
+
+
 def create_encoder(name: str, weights: str | None = None, pretrained: bool = False, seed: int = 0,
                    **kwargs: Any) -> Encoder:
-    """A registered preset by name, else any timm architecture by name."""
+    """A registered preset by name, else any timm architecture by name.
+
+    The encoder's ``embed_dim`` is measured here, for every encoder (:func:`measure_embed_dim`): the
+    single source of the embedding size for extraction, the bag schema, failed bags and benchmarks. A
+    builder that declared another width, or a model that does not return one vector per patch, is
+    refused with a ``ValueError`` before any patch is read.
+    """
     if name in _REGISTRY:
-        return _REGISTRY[name](weights=weights, pretrained=pretrained, seed=seed, **kwargs)
-    return timm_encoder(name, weights=weights, pretrained=pretrained, seed=seed, **kwargs)
+        enc = _REGISTRY[name](weights=weights, pretrained=pretrained, seed=seed, **kwargs)
+    else:
+        enc = timm_encoder(name, weights=weights, pretrained=pretrained, seed=seed, **kwargs)
+    enc.model.eval()
+    dim = measure_embed_dim(enc.name, enc.model, enc.input_size, enc.pool)
+    if enc.embed_dim is not None and int(enc.embed_dim) != dim:
+        raise ValueError(f"encoder {enc.name!r} declares embed_dim {enc.embed_dim} but returns {dim}-d "
+                         f"embeddings for {enc.input_size} px patches")
+    enc.embed_dim = dim
+    return enc
 
 
 def _resnet50_trunc_pool(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -184,5 +297,5 @@ def resnet50_trunc(weights: str | None = None, pretrained: bool = False, seed: i
     """ImageNet ResNet-50 truncated after layer 3, average-pooled: 1024-d (the CLAM baseline encoder)."""
     enc = timm_encoder("resnet50_trunc", arch="resnet50.tv_in1k", weights=weights, pretrained=pretrained,
                        seed=seed, pool=_resnet50_trunc_pool, **kw)
-    enc.embed_dim = 1024
+    enc.embed_dim = 1024  # declared (the width of layer 3); create_encoder checks it against the output
     return enc

@@ -59,7 +59,6 @@ def pool_module(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 POOLS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
     "cls": pool_cls, "cls+mean": pool_cls_mean, "attn_pool": pool_module,
 }
-_POOL_WIDTH = {"cls": 1, "cls+mean": 2}
 
 
 class AttentionalPooler(nn.Module):
@@ -256,7 +255,8 @@ def build_preset(name: str, weights: str | os.PathLike | None = None, pretrained
     the model was not trained for, so a warning is issued.
     ``device="meta"``: the architecture without storage (shape checks); cannot be combined with weights.
     ``overrides``: timm kwargs replacing the card's (small test configs, variants); ``pool_dim`` and
-    ``pool_heads`` size the attentional pooler. With overrides ``embed_dim`` follows the built model.
+    ``pool_heads`` size the attentional pooler. ``embed_dim`` is the card's, which :func:`create_encoder`
+    checks against the built model's output; with overrides it is left to be measured (``None``).
     ``cache_dir``: hub cache for ``pretrained=True`` (default: the Hugging Face cache).
     """
     preset = PRESETS[name]
@@ -266,6 +266,7 @@ def build_preset(name: str, weights: str | os.PathLike | None = None, pretrained
     if meta and (weights or pretrained):
         raise ValueError(f"{name}: device='meta' builds an empty architecture and cannot load weights")
     overrides = dict(overrides or {})
+    declared = None if overrides else preset.embed_dim  # with overrides: whatever the model returns
     head = {**(preset.head or {})}
     head["dim"] = overrides.pop("pool_dim", head.get("dim"))
     head["heads"] = overrides.pop("pool_heads", head.get("heads"))
@@ -293,10 +294,7 @@ def build_preset(name: str, weights: str | os.PathLike | None = None, pretrained
     if patch is not None and size % int(patch[0]):
         raise ValueError(f"{name}: patches of {size} px are not a multiple of the ViT patch size {patch[0]}; "
                          f"use the native {preset.input_size} px (or another multiple of {patch[0]})")
-    width = int(enc.model.num_features) * _POOL_WIDTH.get(preset.pool, 1)
-    if not overrides and width != preset.embed_dim:
-        raise AssertionError(f"preset {name}: built width {width} != table embed_dim {preset.embed_dim}")
-    enc.embed_dim = width
+    enc.embed_dim = declared  # the card's width: create_encoder measures the output and checks it
     if weights:
         info = load_preset_weights(enc.model, weights, preset)
         if source:
