@@ -199,7 +199,8 @@ def test_multiclass_int_labels_and_single_mode(tmp_path):
                "--out", str(tmp_path / "p.csv")])
     assert rc == 0
     p = pd.read_csv(tmp_path / "p.csv")
-    assert list(p.columns) == ["slide_id", "pred", "prob_0", "prob_1", "prob_2"] and len(p) == 12
+    assert list(p.columns) == ["slide_id", "pred", "prob_0", "prob_1", "prob_2", "in_training",
+                               "in_training_fold_0"] and len(p) == 12
 
 
 # ------------------------------------------------------------------------------------------ data checks
@@ -259,7 +260,7 @@ def test_predict_cli_and_attention(trained, tmp_path, capsys):
                "--out", str(out_csv), "--attention-dir", str(att_dir)])
     assert rc == 0, capsys.readouterr().err
     pred = pd.read_csv(out_csv)
-    assert list(pred.columns) == ["slide_id", "prob"]
+    assert list(pred.columns) == ["slide_id", "prob", "in_training"] + [f"in_training_fold_{k}" for k in range(4)]
     assert sorted(pred["slide_id"]) == sorted([*trained["planted"], "empty"])
     assert pred["prob"].between(0, 1).all() and pred["prob"].notna().all()
     for sid in [*trained["planted"], "empty"]:
