@@ -332,7 +332,7 @@ def fit(model, ds: MILDataset, train_idx: Sequence[int], val_idx: Sequence[int],
 
     ``optimizer``/``betas``/``schedule``/``min_lr``: see :mod:`pipeline.mil.optim`. Selection (``select``):
     the epoch with the lowest validation loss, or with the highest validation AUC + F1 (``auc_f1``,
-    classification only). Early stopping after ``patience`` epochs without a better selected epoch, but not
+    classification only; ties, common on small validation parts, go to the lower validation loss). Early stopping after ``patience`` epochs without a better selected epoch, but not
     before ``min_epochs`` epochs; ``patience=0`` never stops early. ``task`` defaults to class-weighted
     classification. ``balance="sampler"`` draws the bags of an epoch with replacement, inversely to their
     class (stratum) frequency, instead of weighting the loss. A Cox batch without an observed event carries
@@ -423,7 +423,8 @@ def fit(model, ds: MILDataset, train_idx: Sequence[int], val_idx: Sequence[int],
             score = _selection_score(task, ds, val_idx, val_logits)
             score = -math.inf if score is None else score
             rec["val_auc_f1"] = score
-            improved = score > best["score"] or best["epoch"] == 0
+            improved = (score > best["score"] or best["epoch"] == 0
+                        or (score == best["score"] and val_loss < best["loss"]))  # ties: lower val loss
         else:
             score = None
             improved = val_loss < best["loss"] or best["epoch"] == 0
