@@ -8,7 +8,11 @@ STAGE_VERSIONS = {
     "tissue": 1,
     "grid": 1,
     "features": 1,
-    "mil": 2,  # 2: model zoo, abmil = plain attention (abmil_gated = gated), class weighting fixed
+    "mil": 3,  # 2: model zoo, abmil = plain attention (abmil_gated = gated), class weighting fixed
+    # 3: each model trains with its paper's recipe (Adam/L2, Lookahead-RAdam, AdamW; schedules, epochs,
+    #    AUC+F1 selection), ACMIL/DSMIL/TransMIL/CLAM match their papers, survival bins from the training
+    #    part only, split column val honoured, seeded group order in CV, predictions.csv gains `fold`,
+    #    predictions_all.csv gains in_training marks, metrics.json the fold slide lists
     "heatmap": 1,
     "report": 1,
     "preflight": 1,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -77,28 +78,42 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "slides_per_job": 16,  # slides encoded by one feature job (one encoder start per job)
     },
     "mil": {
-        "model": "abmil",
+        # which models: `models` (several, trained on the same folds: {run name: {options}}) or `model` (one);
+        # neither: DEFAULT_MIL_MODEL
+        "models": None,
+        "model": None,
+        # shared by every model of a run (they decide the data and the folds)
         "task": "auto",  # auto | classification | survival | regression
         "folds": 5,
         "seed": 0,
-        "epochs": 50,
-        "lr": None,  # None: the model paper's
-        "weight_decay": None,  # None: the model paper's
-        "patience": 10,
         "val_fraction": 0.2,
-        "batch_size": None,  # None: 1 bag per step (32 with the Cox loss)
-        "balance": "loss",  # loss | sampler | none
-        "max_instances": None,
-        "standardize": False,
-        "aem_lambda": 0.0,
         "survival_loss": "nll",  # nll | cox
         "n_bins": 4,
         "regression_loss": "mse",  # mse | mae
-        "hidden_dim": None,  # shorthand model arguments (only for models that take them)
+        "device": "auto",  # auto (CUDA when available) | cpu | cuda | cuda:N
+        "threads": None,  # torch CPU threads; None: the job's threads
+        # training recipe, per model overridable; None: the model paper's (pipeline/mil/*.py registrations)
+        "epochs": None,
+        "lr": None,
+        "weight_decay": None,
+        "optimizer": None,
+        "betas": None,
+        "schedule": None,
+        "min_lr": None,
+        "patience": None,
+        "min_epochs": None,
+        "select": None,
+        "batch_size": None,
+        "balance": "loss",  # loss | sampler | none
+        "max_instances": None,
+        "standardize": False,
+        "aem": False,
+        "aem_lambda": None,
+        # model hyper-parameters of the single-model form (`model:`); with `models:` they go under each model
+        "hidden_dim": None,
         "attn_dim": None,
         "dropout": None,
-        "model_args": {},  # any other hyper-parameter of the model, checked against its signature
-        "device": None,  # None: CUDA when available, else CPU
+        "model_args": {},
     },
     "heatmap": {
         "column": "auto",  # score column: attention if present, else score
@@ -123,11 +138,23 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("mil", "balance"): ("loss", "sampler", "none"),
     ("mil", "survival_loss"): ("nll", "cox"),
     ("mil", "regression_loss"): ("mse", "mae"),
+    ("mil", "optimizer"): ("adam", "adamw", "radam_lookahead", "sgd"),
+    ("mil", "schedule"): ("constant", "cosine"),
+    ("mil", "select"): ("loss", "auc_f1"),
     ("heatmap", "normalise"): ("rank", "minmax"),
     ("heatmap", "object_type"): ("tile", "detection"),
 }
 
-#: MIL settings that are model hyper-parameters (passed to the model factory when set).
+#: The MIL model trained when the config names none.
+DEFAULT_MIL_MODEL = "abmil"
+#: MIL settings every model of a run shares (the data, the folds, the losses, the machine).
+MIL_SHARED = ("task", "folds", "seed", "val_fraction", "survival_loss", "n_bins", "regression_loss", "device",
+              "threads")
+#: MIL settings a model entry may override (its training recipe and data handling).
+MIL_PER_MODEL = ("epochs", "lr", "weight_decay", "optimizer", "betas", "schedule", "min_lr", "patience",
+                 "min_epochs", "select", "batch_size", "balance", "max_instances", "standardize", "aem",
+                 "aem_lambda")
+#: Model hyper-parameters the single-model form accepts at the top of the section.
 MIL_MODEL_SHORTHANDS = ("hidden_dim", "attn_dim", "dropout")
 
 
@@ -210,29 +237,152 @@ def _features(p: dict[str, Any]) -> dict[str, Any]:
     return p
 
 
+def _mil_training(where: str, p: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Checks of MIL training settings (``where``: the config path of the mapping they are in)."""
+    sec = where
+    for key in keys:
+        v = p.get(key)
+        if key in ("optimizer", "schedule", "select") and v is None:
+            continue  # the model paper's
+        if key in ("task", "balance", "survival_loss", "regression_loss", "optimizer", "schedule", "select"):
+            if v not in CHOICES[("mil", key)]:
+                raise ConfigError(f"{sec}.{key}: must be one of {', '.join(CHOICES[('mil', key)])}, not {v!r}")
+        elif key in ("standardize", "aem"):
+            if not isinstance(v, bool):
+                raise ConfigError(f"{sec}.{key}: must be true or false, not {v!r}")
+        elif key == "betas":
+            if v is not None and (not isinstance(v, (list, tuple)) or len(v) != 2 or any(
+                    isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1 for b in v)):
+                raise ConfigError(f"{sec}.betas: must be two numbers in [0, 1), not {v!r}")
+        elif key == "device":
+            dev = str(v)
+            if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+                raise ConfigError(f"{sec}.device: must be auto, cpu, cuda or cuda:N, not {v!r}")
+        elif key == "val_fraction":
+            _number(sec, key, v, minimum=0, exclusive=True, maximum=1)
+            if v >= 1:
+                raise ConfigError(f"{sec}.val_fraction: must be < 1, not {v!r}")
+        else:
+            spec = {"folds": (1, True, False), "seed": (None, True, False), "n_bins": (1, True, False),
+                    "threads": (1, True, True), "epochs": (1, True, True), "lr": (0, False, True),
+                    "weight_decay": (0, False, True), "min_lr": (0, False, True), "patience": (0, True, True),
+                    "min_epochs": (0, True, True), "batch_size": (1, True, True),
+                    "max_instances": (1, True, True), "aem_lambda": (0, False, True)}[key]
+            minimum, integer, optional = spec
+            _number(sec, key, v, minimum=minimum, exclusive=key == "lr", integer=integer, optional=optional)
+
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _mil_entries(p: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``models`` in every accepted form (a name, a list of names or ``{name: options}``, a mapping) or
+    the single-model form, as ``{run name: options}``."""
+    models, model = p.get("models"), p.get("model")
+    if models is not None and model is not None:
+        raise ConfigError("mil: give either 'models' (several) or 'model' (one), not both")
+    if models is None:
+        name = model or DEFAULT_MIL_MODEL
+        if not isinstance(name, str):
+            raise ConfigError(f"mil.model: expected a model name, not {name!r}")
+        opts = {k: p[k] for k in MIL_MODEL_SHORTHANDS if p.get(k) is not None}
+        both = sorted(set(opts) & set(p.get("model_args") or {}))
+        if both:
+            raise ConfigError(f"mil.{both[0]} and mil.model_args.{both[0]} are both set; keep one")
+        return {name: {**opts, **(p.get("model_args") or {})}}
+    legacy = [k for k in MIL_MODEL_SHORTHANDS if p.get(k) is not None] + (["model_args"] if p.get("model_args") else [])
+    if legacy:
+        raise ConfigError(f"mil.{legacy[0]}: a model hyper-parameter belongs under its model with 'models' "
+                          f"(e.g. models: {{abmil: {{{legacy[0]}: ...}}}})")
+    if isinstance(models, str):
+        items = [(models, {})]
+    elif isinstance(models, dict):
+        items = list(models.items())
+    elif isinstance(models, (list, tuple)):
+        items = []
+        for i, item in enumerate(models):
+            if isinstance(item, str):
+                items.append((item, {}))
+            elif isinstance(item, dict) and len(item) == 1:
+                items.append(next(iter(item.items())))
+            else:
+                raise ConfigError(f"mil.models[{i}]: expected a model name or {{name: {{options}}}}, not {item!r}")
+    else:
+        raise ConfigError(f"mil.models: expected a mapping of model names to options (or a list of names), "
+                          f"not {models!r}")
+    if not items:
+        raise ConfigError("mil.models: empty; name at least one model")
+    out: dict[str, dict[str, Any]] = {}
+    for run, opts in items:
+        if not isinstance(run, str) or not _RUN_NAME.match(run):
+            raise ConfigError(f"mil.models: {run!r} is not a usable run name (letters, digits, _ . -)")
+        if run in out:
+            raise ConfigError(f"mil.models.{run}: listed twice")
+        if opts is None:
+            opts = {}
+        if not isinstance(opts, dict):
+            raise ConfigError(f"mil.models.{run}: expected a mapping of options, not {opts!r}")
+        out[run] = dict(opts)
+    return out
+
+
 def _mil(p: dict[str, Any]) -> dict[str, Any]:
-    for key in ("task", "balance", "survival_loss", "regression_loss"):
-        _choice("mil", key, p[key])
-    _number("mil", "folds", p["folds"], minimum=1, integer=True)
-    _number("mil", "seed", p["seed"], integer=True)
-    _number("mil", "epochs", p["epochs"], minimum=1, integer=True)
-    _number("mil", "patience", p["patience"], minimum=1, integer=True)
-    _number("mil", "lr", p["lr"], minimum=0, exclusive=True, optional=True)
-    _number("mil", "weight_decay", p["weight_decay"], minimum=0, optional=True)
-    _number("mil", "val_fraction", p["val_fraction"], minimum=0, exclusive=True, maximum=1)
-    if p["val_fraction"] >= 1:
-        raise ConfigError(f"mil parameter 'val_fraction' must be < 1, not {p['val_fraction']!r}")
-    _number("mil", "batch_size", p["batch_size"], minimum=1, integer=True, optional=True)
-    _number("mil", "max_instances", p["max_instances"], minimum=1, integer=True, optional=True)
-    _number("mil", "aem_lambda", p["aem_lambda"], minimum=0)
-    _number("mil", "n_bins", p["n_bins"], minimum=1, integer=True)
-    if not isinstance(p["standardize"], bool):
-        raise ConfigError(f"mil parameter 'standardize' must be true or false, not {p['standardize']!r}")
+    _mil_training("mil", p, MIL_SHARED + MIL_PER_MODEL)
     if not isinstance(p["model_args"], dict):
-        raise ConfigError(f"mil parameter 'model_args' must be a mapping of model arguments, not {p['model_args']!r}")
+        raise ConfigError(f"mil.model_args: must be a mapping of model arguments, not {p['model_args']!r}")
     p["model_args"] = dict(p["model_args"])
-    mil_model_kwargs(p)  # the model exists and takes these arguments
+    models = mil_model_params()
+    entries = _mil_entries(p)
+    single = p.get("models") is None
+    for run, opts in entries.items():
+        where = "mil" if single else f"mil.models.{run}"
+        model = opts.get("model", run) if not single else run
+        if not isinstance(model, str) or model not in models:
+            raise ConfigError(f"{where}{'.model' if model != run else ''}: unknown MIL model {model!r} "
+                              f"(available: {', '.join(sorted(models))})")
+        accepted = models[model]
+        for k, v in opts.items():
+            if k == "model" and not single:
+                continue
+            if k in accepted or "**" in accepted:
+                continue
+            if k in MIL_PER_MODEL and not single:
+                _mil_training(where, opts, (k,))
+            elif k in MIL_SHARED:
+                raise ConfigError(f"{where}.{k}: must be the same for every model (set it once under mil:, so "
+                                  "all models train on the same data and folds)")
+            else:
+                path = f"mil.{k}" if single and k in MIL_MODEL_SHORTHANDS and k not in p["model_args"] else (
+                    f"mil.model_args.{k}" if single else f"{where}.{k}")
+                raise ConfigError(f"config key {path}: MIL model {model!r} does not take {k!r} "
+                                  f"(its arguments: {', '.join(a for a in accepted if a != '**') or 'none'}"
+                                  f"{'' if single else '; training options: ' + ', '.join(MIL_PER_MODEL)})")
+    if not single:
+        p["models"] = entries
     return p
+
+
+def mil_runs(mil: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every model run of a resolved ``mil`` section: run name -> the settings of that one run (a
+    single-model section: ``model``, ``model_args`` and every training setting, per-model overrides
+    applied), which is what its training job receives."""
+    runs = {}
+    models = mil_model_params()
+    for run, opts in _mil_entries(mil).items():
+        single = mil.get("models") is None
+        model = run if single else opts.get("model", run)
+        accepted = models[model]
+        margs = {k: v for k, v in opts.items() if k != "model" and (k in accepted or ("**" in accepted
+                                                                                 and k not in MIL_PER_MODEL))}
+        over = {k: v for k, v in opts.items() if k in MIL_PER_MODEL and k not in margs}
+        runs[run] = {"model": model, "model_args": margs, **{k: mil[k] for k in MIL_SHARED},
+                     **{k: (over[k] if over.get(k) is not None else mil[k]) for k in MIL_PER_MODEL}}
+    return runs
+
+
+def mil_model_kwargs(mil: dict[str, Any]) -> dict[str, Any]:
+    """The model hyper-parameters of a single-model ``mil`` section (shorthands and ``model_args``)."""
+    return dict(next(iter(mil_runs(mil).values()))["model_args"])
 
 
 def _heatmap(p: dict[str, Any]) -> dict[str, Any]:
@@ -362,29 +512,6 @@ def mil_model_params() -> dict[str, dict[str, Any]]:
     return out
 
 
-def mil_model_kwargs(mil: dict[str, Any]) -> dict[str, Any]:
-    """The model hyper-parameters a (resolved) ``mil`` section sets: the shorthands that are not None and
-    ``model_args``, checked against the model's signature (error naming the key)."""
-    models = mil_model_params()
-    name = mil["model"]
-    if name not in models:
-        raise ConfigError(f"mil parameter 'model': unknown MIL model {name!r} (available: {', '.join(sorted(models))})")
-    accepted = models[name]
-    kw: dict[str, Any] = {k: mil[k] for k in MIL_MODEL_SHORTHANDS if mil.get(k) is not None}
-    both = sorted(set(kw) & set(mil.get("model_args") or {}))
-    if both:
-        raise ConfigError(f"mil.{both[0]} and mil.model_args.{both[0]} are both set; keep one")
-    kw.update(mil.get("model_args") or {})
-    if "**" not in accepted:
-        for k in kw:
-            if k not in accepted:
-                where = f"mil.{k}" if k in MIL_MODEL_SHORTHANDS and k not in (mil.get("model_args") or {}) \
-                    else f"mil.model_args.{k}"
-                raise ConfigError(f"config key {where}: MIL model {name!r} does not take {k!r} "
-                                  f"(its arguments: {', '.join(a for a in accepted if a != '**') or 'none'})")
-    return kw
-
-
 # -- the whole workflow configuration ---------------------------------------------------------------------
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -437,6 +564,7 @@ class WorkflowConfig:
 
     top: dict[str, Any]
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mil: dict[str, dict[str, Any]] = field(default_factory=dict)  # run name -> settings of that MIL run
 
     @property
     def results_dir(self) -> str:
@@ -471,8 +599,9 @@ def load_workflow_config(cfg: dict[str, Any], schema: dict[str, Any] | None = No
     stages["preflight"] = {**stages["preflight"], "model": f["model"], "batch_size": f["batch_size"],
                            "device": f["device"], "patch_size": g["patch_size"], "target_mpp": g["target_mpp"],
                            "stride": g["stride"], "min_tissue_fraction": g["min_tissue_fraction"]}
-    stages["report"] = {**stages["report"], "tag": model_tag(f), "mil_model": stages["mil"]["model"]}
-    return WorkflowConfig(top=top, stages=stages)
+    runs = mil_runs(stages["mil"])
+    stages["report"] = {**stages["report"], "tag": model_tag(f), "mil_model": list(runs)}
+    return WorkflowConfig(top=top, stages=stages, mil=runs)
 
 
 # -- command lines --------------------------------------------------------------------------------------

@@ -83,6 +83,10 @@ class Layout:
         """A file of a MIL run: metrics.json, predictions.csv, model_config.json, predictions_all.csv."""
         return self._p("mil", self._tag(tag), mil_model, name)
 
+    def mil_comparison(self, ext: str, tag: str | None = None) -> str:
+        """``comparison.csv`` (every MIL run's metrics, mean ± sd over folds) or ``comparison_curves.json``."""
+        return self._p("mil", self._tag(tag), "comparison.csv" if ext == "csv" else "comparison_curves.json")
+
     def mil_attention_dir(self, mil_model: str, tag: str | None = None) -> str:
         return self._p("mil", self._tag(tag), mil_model, "attention")
 

@@ -114,7 +114,7 @@ def test_abmil_learns_synthetic_task(trained):
         assert f["n_train"] + f["n_val"] + f["n_test"] == 40
         assert (out / f"fold_{f['fold']}" / "model.pt").is_file()
     pred = pd.read_csv(out / "predictions.csv")
-    assert list(pred.columns) == ["slide_id", "label", "prob"]
+    assert list(pred.columns) == ["slide_id", "label", "prob", "fold"]
     assert sorted(pred["slide_id"]) == sorted(trained["planted"])  # out-of-fold: every bag once
     cfg = json.loads((out / "model_config.json").read_text())
     assert cfg["model"] == "abmil" and cfg["in_dim"] == 32 and cfg["classes"] == ["neg", "pos"]
@@ -186,7 +186,7 @@ def test_multiclass_int_labels_and_single_mode(tmp_path):
               model_kwargs=FAST)
     assert m["classes"] == [0, 1, 2]
     pred = pd.read_csv(tmp_path / "cv/predictions.csv")
-    assert list(pred.columns) == ["slide_id", "label", "pred", "prob_0", "prob_1", "prob_2"]
+    assert list(pred.columns) == ["slide_id", "label", "pred", "prob_0", "prob_1", "prob_2", "fold"]
     assert np.allclose(pred[["prob_0", "prob_1", "prob_2"]].sum(axis=1), 1.0, atol=1e-5)
     # --folds 1: one model; metrics and predictions from its validation split only.
     s = train([tmp_path / "bags"], tmp_path / "labels.csv", tmp_path / "single", folds=1, epochs=2,
@@ -199,7 +199,8 @@ def test_multiclass_int_labels_and_single_mode(tmp_path):
                "--out", str(tmp_path / "p.csv")])
     assert rc == 0
     p = pd.read_csv(tmp_path / "p.csv")
-    assert list(p.columns) == ["slide_id", "pred", "prob_0", "prob_1", "prob_2"] and len(p) == 12
+    assert list(p.columns) == ["slide_id", "pred", "prob_0", "prob_1", "prob_2", "in_training",
+                               "in_training_fold_0"] and len(p) == 12
 
 
 # ------------------------------------------------------------------------------------------ data checks
@@ -259,7 +260,7 @@ def test_predict_cli_and_attention(trained, tmp_path, capsys):
                "--out", str(out_csv), "--attention-dir", str(att_dir)])
     assert rc == 0, capsys.readouterr().err
     pred = pd.read_csv(out_csv)
-    assert list(pred.columns) == ["slide_id", "prob"]
+    assert list(pred.columns) == ["slide_id", "prob", "in_training"] + [f"in_training_fold_{k}" for k in range(4)]
     assert sorted(pred["slide_id"]) == sorted([*trained["planted"], "empty"])
     assert pred["prob"].between(0, 1).all() and pred["prob"].notna().all()
     for sid in [*trained["planted"], "empty"]:

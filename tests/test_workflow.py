@@ -70,8 +70,8 @@ def test_dry_run_lists_every_stage(cohort, root, env_with_venv, tmp_path):
     jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg)))
     n = len(list(cohort.glob("slide_*")))
     batches = -(-n // FAST["features"]["slides_per_job"])  # one feature job per batch of slides
-    assert jobs == {"tissue": n, "grid": n, "features": batches, "mil_train": 1, "mil_predict": 1, "heatmap": n,
-                    "report": 1, "all": 1}
+    assert jobs == {"tissue": n, "grid": n, "features": batches, "mil_train": 1, "mil_predict": 1,
+                    "mil_compare": 1, "heatmap": n, "report": 1, "all": 1}
     # without labels: features only, no training
     cfg = write_config(tmp_path / "c2.yaml", cohort, tmp_path / "r", None)
     jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg)))
@@ -149,10 +149,12 @@ def test_nothing_to_do_on_rerun(run, root, env_with_venv):
 
 
 @pytest.mark.parametrize("change, expected", [
-    ({"tissue": {"seg_mpp": 16.0}}, {"tissue", "grid", "features", "mil_train", "mil_predict", "heatmap", "report"}),
-    ({"grid": {"min_tissue_fraction": 0.5}}, {"grid", "features", "mil_train", "mil_predict", "heatmap", "report"}),
-    ({"features": {"seed": 3}}, {"features", "mil_train", "mil_predict", "heatmap", "report"}),
-    ({"mil": {"epochs": 9}}, {"mil_train", "mil_predict", "heatmap", "report"}),
+    ({"tissue": {"seg_mpp": 16.0}}, {"tissue", "grid", "features", "mil_train", "mil_predict", "mil_compare",
+                                     "heatmap", "report"}),
+    ({"grid": {"min_tissue_fraction": 0.5}}, {"grid", "features", "mil_train", "mil_predict", "mil_compare",
+                                              "heatmap", "report"}),
+    ({"features": {"seed": 3}}, {"features", "mil_train", "mil_predict", "mil_compare", "heatmap", "report"}),
+    ({"mil": {"epochs": 9}}, {"mil_train", "mil_predict", "mil_compare", "heatmap", "report"}),
 ])
 def test_rerun_scope_follows_the_changed_section(run, root, env_with_venv, change, expected):
     import yaml
@@ -312,7 +314,7 @@ def test_editing_labels_reruns_only_mil(run, cohort, root, env_with_venv):
 
     cfg = _changed_labels(run, cohort, flip_first)
     jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg)))
-    assert set(jobs) - {"all"} == {"mil_train", "mil_predict", "heatmap", "report"}, jobs
+    assert set(jobs) - {"all"} == {"mil_train", "mil_predict", "mil_compare", "heatmap", "report"}, jobs
 
 
 def test_manifest_mpp_of_one_slide_reruns_that_slide(run, cohort, root, env_with_venv):
@@ -325,8 +327,8 @@ def test_manifest_mpp_of_one_slide_reruns_that_slide(run, cohort, root, env_with
     cfg = _changed_labels(run, cohort, add_mpp)
     jobs = planned_jobs(snakemake(root, env_with_venv, "-n", "--configfile", str(cfg)))
     assert {k: v for k, v in jobs.items() if k != "all"} == {
-        "tissue": 1, "grid": 1, "features": 1, "mil_train": 1, "mil_predict": 1, "heatmap": len(rows_of(cohort)),
-        "report": 1}, jobs
+        "tissue": 1, "grid": 1, "features": 1, "mil_train": 1, "mil_predict": 1, "mil_compare": 1,
+        "heatmap": len(rows_of(cohort)), "report": 1}, jobs
 
 
 def test_reruns_follow_slide_content_not_mtime(cohort, root, env_with_venv, tmp_path):

@@ -27,8 +27,11 @@ Model interface (every registered model follows it, so training and inference ne
   attribute ``uses_label = True``; for classification the trainer then calls ``model(features, label=y)``
   during training (``y`` a 0-d long tensor).
 
-Each registration may carry the optimiser defaults of the model's paper (``lr``, ``weight_decay``), used
-when the user sets neither.
+Each registration carries, as data, the training recipe of the model's paper (see :data:`RECIPE_KEYS`):
+the optimiser (``optimizer``, ``betas``, ``lr``, ``weight_decay``), the learning-rate schedule
+(``schedule``, ``min_lr``), the epoch budget (``epochs``, ``patience``, ``min_epochs``), the checkpoint
+selection (``select``) and ``batch_size``; the trainer uses each one the user does not set, and its own
+defaults (:data:`TRAIN_DEFAULTS`) for what a registration leaves out.
 """
 
 from __future__ import annotations
@@ -36,11 +39,30 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
+from ..config import CHOICES as _CHOICES  # the one home of the setting choices
+
 __all__ = ["MILError", "register_model", "create_model", "list_models", "resolve_model_kwargs",
-           "model_defaults", "TASKS"]
+           "model_defaults", "model_recipe", "TASKS", "RECIPE_KEYS", "TRAIN_DEFAULTS", "OPTIMIZERS", "SCHEDULES", "SELECT"]
 
 #: Tasks a model can be built for (the labels CSV decides, or ``--task``).
 TASKS = ("classification", "survival", "regression")
+
+
+#: Optimisers a model can be trained with (see :mod:`pipeline.mil.optim`): ``adam`` (L2 weight decay, as
+#: ``torch.optim.Adam``), ``adamw`` (decoupled weight decay), ``radam_lookahead`` (RAdam with decoupled
+#: weight decay, none on biases and norm weights, wrapped in Lookahead k = 6, alpha = 0.5), ``sgd``
+#: (momentum 0.9, L2 weight decay).
+OPTIMIZERS = _CHOICES[("mil", "optimizer")]
+#: Learning-rate schedules: constant, or cosine annealing from ``lr`` to ``min_lr`` over the epochs.
+SCHEDULES = _CHOICES[("mil", "schedule")]
+#: Checkpoint selection: the epoch with the lowest validation loss, or (classification) the highest
+#: validation AUC + F1 (ACMIL); ``auc_f1`` falls back to the loss for survival and regression.
+SELECT = _CHOICES[("mil", "select")]
+#: The training recipe a registration may carry, and what the trainer uses where it carries none.
+TRAIN_DEFAULTS: dict[str, Any] = {"lr": 2e-4, "weight_decay": 1e-4, "optimizer": "adamw", "betas": None,
+                                  "schedule": "cosine", "min_lr": 0.0, "epochs": 50, "patience": 10,
+                                  "min_epochs": 0, "select": "loss", "batch_size": None}
+RECIPE_KEYS = tuple(TRAIN_DEFAULTS)
 
 
 class MILError(ValueError):
@@ -52,20 +74,30 @@ _DEFAULTS: dict[str, dict[str, Any]] = {}
 _RUNTIME_ARGS = ("task",)  # passed by the trainer, never a stored hyper-parameter
 
 
-def register_model(fn: Callable[..., Any] | None = None, *, name: str | None = None,
-                   lr: float | None = None, weight_decay: float | None = None):
+def register_model(fn: Callable[..., Any] | None = None, *, name: str | None = None, **recipe: Any):
     """Register a model factory under ``name`` (default: the function's name).
 
-    Use as ``@register_model`` or ``@register_model(name="...", lr=..., weight_decay=...)``; ``lr`` and
-    ``weight_decay`` are the optimiser defaults of the model's paper.
+    Use as ``@register_model`` or ``@register_model(name="...", lr=..., weight_decay=..., optimizer=...)``;
+    the keywords are the training recipe of the model's paper (:data:`RECIPE_KEYS`), each optional.
     """
+    bad = sorted(set(recipe) - set(RECIPE_KEYS))
+    if bad:
+        raise ValueError(f"register_model: unknown recipe key(s) {bad} (known: {', '.join(RECIPE_KEYS)})")
+    if recipe.get("optimizer") is not None and recipe["optimizer"] not in OPTIMIZERS:
+        raise ValueError(f"register_model: optimizer must be one of {OPTIMIZERS}")
+    if recipe.get("schedule") is not None and recipe["schedule"] not in SCHEDULES:
+        raise ValueError(f"register_model: schedule must be one of {SCHEDULES}")
+    if recipe.get("select") is not None and recipe["select"] not in SELECT:
+        raise ValueError(f"register_model: select must be one of {SELECT}")
+    if recipe.get("betas") is not None:
+        recipe["betas"] = tuple(float(b) for b in recipe["betas"])
 
     def deco(f: Callable[..., Any]) -> Callable[..., Any]:
         key = name or f.__name__
         if key in _MODELS and _MODELS[key] is not f:
             raise ValueError(f"MIL model {key!r} is already registered")
         _MODELS[key] = f
-        _DEFAULTS[key] = {"lr": lr, "weight_decay": weight_decay}
+        _DEFAULTS[key] = {k: recipe.get(k) for k in RECIPE_KEYS}
         return f
 
     return deco(fn) if fn is not None else deco
@@ -84,9 +116,16 @@ def _factory(name: str) -> Callable[..., Any]:
 
 
 def model_defaults(name: str) -> dict[str, Any]:
-    """Optimiser defaults registered with model ``name`` (``lr``, ``weight_decay``; ``None`` if unset)."""
+    """The training recipe registered with model ``name`` (every key of :data:`RECIPE_KEYS`; ``None``
+    where the registration does not set it)."""
     _factory(name)
-    return dict(_DEFAULTS.get(name, {}))
+    return {k: _DEFAULTS.get(name, {}).get(k) for k in RECIPE_KEYS}
+
+
+def model_recipe(name: str) -> dict[str, Any]:
+    """The training recipe of model ``name`` with the trainer's defaults filled in where it sets none."""
+    d = model_defaults(name)
+    return {k: (TRAIN_DEFAULTS[k] if d[k] is None else d[k]) for k in RECIPE_KEYS}
 
 
 def model_doc(name: str) -> str:
@@ -139,7 +178,10 @@ def create_model(name: str, in_dim: int, n_classes: int, task: str = "classifica
     kw = resolve_model_kwargs(name, **kwargs)
     if "task" in inspect.signature(fn).parameters:
         kw["task"] = task
-    return fn(int(in_dim), int(n_classes), **kw)
+    try:
+        return fn(int(in_dim), int(n_classes), **kw)
+    except (ValueError, TypeError) as exc:  # a hyper-parameter value the model refuses
+        raise MILError(f"model {name!r}: {exc}") from None
 
 
 # Model files register themselves on import.

@@ -11,12 +11,16 @@ import json
 import logging
 import sys
 
-from ..config import STAGE_DEFAULTS, parse_with_settings
+from ..config import CHOICES, DEFAULT_MIL_MODEL, STAGE_DEFAULTS, parse_with_settings
 from ..log import setup
 from ..store import BagError
 from . import MILError, list_models, model_defaults, model_doc
 
-D = STAGE_DEFAULTS["mil"]
+D = STAGE_DEFAULTS["mil"]  # the one home of these defaults (pipeline.config)
+
+
+def _choices(key: str) -> list[str]:
+    return list(CHOICES[("mil", key)])
 
 
 def _model_arg(text: str) -> tuple[str, object]:
@@ -33,39 +37,10 @@ def _model_arg(text: str) -> tuple[str, object]:
 
 
 def compare_runs(runs: list[str]) -> str:
-    """Markdown table: one row per run (model, task, mode, bags, mean metrics +- s.d. over folds)."""
-    from pathlib import Path
+    """Markdown table: one row per run (model, task, mode, bags, mean ± s.d. over folds of every metric)."""
+    from .compare import markdown_table
 
-    rows, keys = [], []
-    for r in runs:
-        path = Path(r) / "metrics.json"
-        try:
-            m = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise MILError(f"{path}: not found (training did not finish here)") from None
-        except ValueError as exc:
-            raise MILError(f"{path}: unreadable ({exc})") from None
-        for k in m.get("mean", {}):
-            if not k.endswith("_note") and k not in keys:
-                keys.append(k)
-        rows.append((r, m))
-    out = ["| run | model | task | mode | bags | " + " | ".join(keys) + " |", "|---" * (5 + len(keys)) + "|"]
-    for r, m in rows:
-        cells = []
-        for k in keys:
-            vals = [f.get(k) for f in m.get("folds", []) if f.get(k) is not None]
-            mean = m.get("mean", {}).get(k)
-            if mean is None:
-                cells.append("n/a")
-            elif len(vals) > 1:
-                import statistics
-
-                cells.append(f"{mean:.3f} ± {statistics.pstdev(vals):.3f}")
-            else:
-                cells.append(f"{mean:.3f}")
-        out.append(f"| {r} | {m.get('model')} | {m.get('task')} | {m.get('mode')} | {m.get('n_bags')} | "
-                   + " | ".join(cells) + " |")
-    return "\n".join(out)
+    return markdown_table(runs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,44 +54,61 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bags-file", default=None, metavar="FILE", help="file with bag paths, one per line")
     t.add_argument("--labels", required=True, metavar="CSV",
                    help="slide_id,label[,patient_id][,split] or slide_id,time,event[,patient_id][,split] CSV")
-    t.add_argument("--settings", default=None, help="the mil settings as a JSON object (the workflow's `mil` "
-                                                   "section): defaults of the options below")
-    t.add_argument("--model", default=D["model"], help=f"registered model (default {D['model']}; "
-                                                       f"{', '.join(list_models())})")
+    t.add_argument("--settings", default=None, help="the settings of one MIL run as a JSON object (what the "
+                                                   "workflow resolves from its `mil` section): defaults of the "
+                                                   "options below, `model_args` for model hyper-parameters")
+    t.add_argument("--model", default=D["model"] or DEFAULT_MIL_MODEL,
+                   help=f"registered model (default {DEFAULT_MIL_MODEL}; {', '.join(list_models())})")
     t.add_argument("--out", required=True, metavar="DIR")
-    t.add_argument("--task", default=D["task"], choices=["auto", "classification", "survival", "regression"],
+    t.add_argument("--task", default=D["task"], choices=_choices("task"),
                    help="default auto: time+event columns -> survival, non-integer numeric label -> regression, "
                         "else classification")
     t.add_argument("--folds", type=int, default=D["folds"],
                    help="CV folds (1 = one model on all bags; default 5; a split column in the labels wins)")
     t.add_argument("--seed", type=int, default=D["seed"])
-    t.add_argument("--epochs", type=int, default=D["epochs"])
+    t.add_argument("--epochs", type=int, default=D["epochs"], help="epoch budget (default: the model paper's, else 50)")
     t.add_argument("--lr", type=float, default=D["lr"], help="learning rate (default: the model paper's)")
     t.add_argument("--weight-decay", type=float, default=D["weight_decay"],
-                   help="AdamW weight decay (default: the model paper's)")
-    t.add_argument("--patience", type=int, default=D["patience"], help="early-stopping patience in epochs")
+                   help="weight decay, L2 or decoupled as the optimiser applies it (default: the model paper's)")
+    t.add_argument("--optimizer", default=D["optimizer"], choices=_choices("optimizer"),
+                   help="optimiser (default: the model paper's; adamw for models without one)")
+    t.add_argument("--betas", type=float, nargs=2, default=D["betas"], metavar=("B1", "B2"),
+                   help="Adam-type betas (default: the model paper's, else torch's)")
+    t.add_argument("--schedule", default=D["schedule"], choices=_choices("schedule"),
+                   help="learning-rate schedule (default: the model paper's; cosine for models without one)")
+    t.add_argument("--min-lr", type=float, default=D["min_lr"], help="final learning rate of the cosine schedule")
+    t.add_argument("--patience", type=int, default=D["patience"],
+                   help="early-stopping patience in epochs, 0 = none (default: the model paper's, else 10)")
+    t.add_argument("--min-epochs", type=int, default=D["min_epochs"], help="never stop early before this epoch (CLAM: 50)")
+    t.add_argument("--select", default=D["select"], choices=_choices("select"),
+                   help="checkpoint: lowest validation loss, or highest validation AUC + F1 (ACMIL)")
     t.add_argument("--val-fraction", type=float, default=D["val_fraction"],
-                   help="validation share of each training fold, for early stopping")
+                   help="validation share of each training fold, for checkpoint selection (default 0.2)")
     t.add_argument("--batch-size", type=int, default=D["batch_size"],
-                   help="bags per optimiser step (default 1; 32 with --survival-loss cox)")
-    t.add_argument("--balance", default=D["balance"], choices=["loss", "sampler", "none"],
+                   help="bags per optimiser step (default: the model paper's, else 1; 32 with --survival-loss cox)")
+    t.add_argument("--balance", default=D["balance"], choices=_choices("balance"),
                    help="class imbalance: class-weighted loss (default), class-balanced sampling, or none")
     t.add_argument("--max-instances", type=int, default=D["max_instances"], metavar="N",
                    help="train on a random subset of at most N instances per bag and step (default: all)")
     t.add_argument("--standardize", action="store_true", default=D["standardize"],
                    help="standardise features with the mean/std of each fold's training bags (out of core)")
+    t.add_argument("--aem", action="store_true", default=D["aem"],
+                   help="AEM: add the attention-entropy maximisation term (attention models; weight 0.1)")
     t.add_argument("--aem-lambda", type=float, default=D["aem_lambda"],
-                   help="weight of the attention-entropy maximisation term of AEM (attention models; default 0)")
-    t.add_argument("--survival-loss", default=D["survival_loss"], choices=["nll", "cox"], help="survival loss")
+                   help="weight of the AEM term (implies --aem when > 0; default 0.1 with --aem, else off)")
+    t.add_argument("--survival-loss", default=D["survival_loss"], choices=_choices("survival_loss"),
+                   help="survival loss (default nll)")
     t.add_argument("--n-bins", type=int, default=D["n_bins"], help="time intervals of the discrete-time survival loss")
-    t.add_argument("--regression-loss", default=D["regression_loss"], choices=["mse", "mae"], help="regression loss")
+    t.add_argument("--regression-loss", default=D["regression_loss"], choices=_choices("regression_loss"),
+                   help="regression loss (default mse)")
     t.add_argument("--hidden-dim", type=int, default=D["hidden_dim"], help="model hidden size (model default if unset)")
     t.add_argument("--attn-dim", type=int, default=D["attn_dim"], help="attention size (model default if unset)")
     t.add_argument("--dropout", type=float, default=D["dropout"], help="dropout (model default if unset)")
     t.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE",
                    help="any other model hyper-parameter, e.g. k_sample=8 (repeatable; see `models`)")
-    t.add_argument("--device", default=D["device"], help="torch device (default: cuda if available, else cpu)")
-    t.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    t.add_argument("--device", default=D["device"], help="torch device: auto (default: cuda if available, else "
+                                                         "cpu), cpu, cuda, cuda:N")
+    t.add_argument("--threads", type=int, default=D["threads"], help="torch CPU threads (default: torch's choice)")
     t.set_defaults(model_args=dict(D["model_args"]))
 
     r = sub.add_parser("predict", help="predict bags with the fold models of a training run")
@@ -126,10 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, metavar="CSV")
     r.add_argument("--attention-dir", default=None, metavar="DIR",
                    help="write {slide_id}.csv with x,y and the per-patch attention and/or instance scores")
-    r.add_argument("--device", default=None)
+    r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
     c = sub.add_parser("compare", help="one table of the mean metrics of several finished training runs")
     c.add_argument("runs", nargs="+", metavar="DIR", help="`train --out` folders")
+    c.add_argument("--out", default=None, metavar="CSV",
+                   help="also write comparison.csv: one row per run, mean / sd / n over folds of every metric")
+    c.add_argument("--curves", default=None, metavar="JSON",
+                   help="also write the ROC (classification) or Kaplan-Meier (survival) curve data as JSON")
 
     e = sub.add_parser("export", help="one cohort feature table from a bag folder (written chunk by chunk)")
     e.add_argument("--bags", nargs="+", default=None, metavar="PATH")
@@ -160,7 +157,7 @@ def _bag_paths(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    args = parse_with_settings(parser, argv, "mil", target=sub.choices["train"])
+    args = parse_with_settings(parser, argv, target=sub.choices["train"])
     logger = logging.getLogger("pipeline.mil")
     handler = setup(logging.WARNING if args.quiet else logging.INFO)
     try:
@@ -172,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(name)
                     continue
                 kw = ", ".join(f"{k}={v!r}" for k, v in resolve_model_kwargs(name).items())
-                d = model_defaults(name)
-                print(f"{name}: {model_doc(name)}\n    {kw}\n    lr={d['lr']} weight_decay={d['weight_decay']}")
+                d = {k: v for k, v in model_defaults(name).items() if v is not None}
+                recipe = " ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in d.items())
+                print(f"{name}: {model_doc(name)}\n    {kw}\n    {recipe or '(trainer defaults)'}")
         elif args.cmd == "train":
             from .train import train
 
@@ -181,22 +179,31 @@ def main(argv: list[str] | None = None) -> int:
                                     ("dropout", args.dropout)) if v is not None}
             kw.update(args.model_args or {})
             kw.update(dict(args.model_arg))
-            if args.threads:
-                import torch
-
-                torch.set_num_threads(max(1, args.threads))
             train(_bag_paths(args), args.labels, args.out, model=args.model, folds=args.folds, seed=args.seed,
                   epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, patience=args.patience,
                   val_fraction=args.val_fraction, model_kwargs=kw, device=args.device, task=args.task,
                   batch_size=args.batch_size, balance=args.balance, max_instances=args.max_instances,
-                  standardize=args.standardize, aem_lambda=args.aem_lambda, survival_loss=args.survival_loss,
-                  n_bins=args.n_bins, regression_loss=args.regression_loss)
+                  standardize=args.standardize, aem=args.aem, aem_lambda=args.aem_lambda,
+                  survival_loss=args.survival_loss, n_bins=args.n_bins, regression_loss=args.regression_loss,
+                  optimizer=args.optimizer, betas=args.betas, schedule=args.schedule, min_lr=args.min_lr,
+                  min_epochs=args.min_epochs, select=args.select, threads=args.threads)
         elif args.cmd == "predict":
             from .predict import predict
 
-            predict(args.model_dir, _bag_paths(args), args.out, attention_dir=args.attention_dir, device=args.device)
+            predict(args.model_dir, _bag_paths(args), args.out, attention_dir=args.attention_dir, device=args.device,
+                    threads=args.threads)
         elif args.cmd == "compare":
+            from .compare import comparison_curves, write_comparison_csv
+
             print(compare_runs(args.runs))
+            if args.out:
+                write_comparison_csv(args.runs, args.out)
+                logger.info("comparison of %d run(s) -> %s", len(args.runs), args.out)
+            if args.curves:
+                from ..files import write_json_atomic
+
+                write_json_atomic(args.curves, comparison_curves(args.runs))
+                logger.info("curve data -> %s", args.curves)
         elif args.cmd == "export":
             from .cohort import export_table
 

@@ -1,20 +1,27 @@
 """Labels CSV + feature bags -> an in-memory MIL dataset.
 
 Labels CSV: ``slide_id`` plus the target columns of the task, optionally ``patient_id`` (used to group slides
-of one patient into the same fold), ``split`` (``train``/``test``; a fixed split instead of k-fold CV),
-``mpp`` and anything else (ignored). The task is decided by the CSV unless given explicitly:
+of one patient into the same fold), ``split`` (``train``/``val``/``test``: a fixed split instead of k-fold
+CV; ``val`` rows select the checkpoint and stop training early, without them a validation part is held out of
+the ``train`` rows), ``mpp`` and anything else (ignored). Slide and patient ids are NFC-normalised (as slide
+file names are); a slide listed twice, an empty or NaN target and a label column mixing types are errors
+naming the line. The task is decided by the CSV unless given explicitly:
 
-* ``time`` and ``event`` columns -> survival (``event`` 1/0, true/false; ``time`` > 0);
+* ``time`` and ``event`` columns -> survival (``event`` 1/0, true/false; ``time`` >= 0);
 * a ``label`` column of non-integer numbers -> regression;
-* otherwise ``label`` (integers or strings) -> classification; the classes are the sorted unique labels
-  (binary when there are two: the positive class is ``classes[1]``).
+* otherwise ``label`` (integers, true/false or text) -> classification; the classes are the sorted unique
+  labels (binary when there are two: the positive class is ``classes[1]``).
 """
 
 from __future__ import annotations
 
-import logging
+import csv
 import json
+import logging
+import math
 import os
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -44,136 +51,197 @@ def _plain(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
-def _detect_task(df: pd.DataFrame, path: Path) -> str:
-    if "time" in df.columns and "event" in df.columns:
+#: Cell values read as "missing" (pandas' defaults): a label, time or event like this is an error.
+_MISSING = {"", "nan", "na", "n/a", "null", "none", "#n/a", "<na>", "-nan", "nan"}
+_INT_RE = re.compile(r"^[+-]?\d+(\.0*)?$")
+_BOOL = {"true": 1, "false": 0}
+
+
+def _is_missing(v: str) -> bool:
+    return v.strip().lower() in _MISSING
+
+
+def _as_float(v: str) -> float | None:
+    try:
+        f = float(v)
+    except ValueError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _kind(v: str) -> str:
+    """``int`` (also ``1.0``), ``float``, ``bool`` (true/false) or ``text``."""
+    t = v.strip()
+    if _INT_RE.match(t):
+        return "int"
+    if t.lower() in _BOOL:
+        return "bool"
+    return "float" if _as_float(t) is not None else "text"
+
+
+def _where(path: Path, line: int, sid: str) -> str:
+    return f"{path}: line {line} (slide_id {sid!r})"
+
+
+def _detect_task(cols: Sequence[str], rows: list[dict[str, str]], path: Path) -> str:
+    if "time" in cols and "event" in cols:
         return "survival"
-    if "label" in df.columns:
-        lab = df["label"].dropna()
-        if pd.api.types.is_numeric_dtype(lab) and not pd.api.types.is_bool_dtype(lab):
-            vals = lab.to_numpy(dtype=float)
-            if len(vals) and not np.all(vals == np.round(vals)):
-                return "regression"
+    if "label" in cols:
+        kinds = {_kind(r["label"]) for r in rows if not _is_missing(r["label"])}
+        if kinds == {"float"} or kinds == {"int", "float"}:
+            return "regression"
         return "classification"
-    raise MILError(f"{path}: labels CSV lacks a label column (has {list(df.columns)}); expected "
+    raise MILError(f"{path}: labels CSV lacks a label column (has {list(cols)}); expected "
                    "slide_id,label[,patient_id] or slide_id,time,event[,patient_id]")
 
 
-def _drop_missing(df: pd.DataFrame, cols: Sequence[str], path: Path) -> pd.DataFrame:
-    missing = np.zeros(len(df), dtype=bool)
-    for c in cols:
-        missing |= (df[c].isna() | (df[c].astype(str).str.strip() == "")).to_numpy()
-    if missing.any():
-        log.warning("%s: ignoring %d slide(s) without %s: %s", path, int(missing.sum()), "/".join(cols),
-                    _names(df.loc[missing, "slide_id"].tolist()))
-        df = df.loc[~missing].copy()
-    return df
+def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows (each with its 1-based file ``_line``) of a CSV, cells stripped, ids NFC-normalised."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            try:
+                header = [str(c).strip() for c in next(reader)]
+            except StopIteration:
+                raise MILError(f"{path}: cannot read labels CSV (the file is empty)") from None
+            rows = []
+            for rec in reader:
+                if not rec or all(not c.strip() for c in rec):
+                    continue  # blank line
+                if len(rec) > len(header):
+                    raise MILError(f"{path}: line {reader.line_num} has {len(rec)} fields, the header "
+                                   f"{len(header)}")
+                row = {h: (rec[j].strip() if j < len(rec) else "") for j, h in enumerate(header)}
+                row["_line"] = reader.line_num
+                rows.append(row)
+    except UnicodeDecodeError as exc:
+        raise MILError(f"{path}: cannot read labels CSV ({exc})") from None
+    except csv.Error as exc:
+        raise MILError(f"{path}: cannot read labels CSV ({exc})") from None
+    for r in rows:
+        for c in ("slide_id", "patient_id"):
+            if c in r:
+                r[c] = unicodedata.normalize("NFC", r[c])
+    return header, rows
 
 
-def _numbers(df: pd.DataFrame, col: str, path: Path) -> np.ndarray:
-    vals = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
-    bad = ~np.isfinite(vals)
-    if bad.any():
-        raise MILError(f"{path}: column {col!r} must be numeric; bad value(s) for slide(s) "
-                       f"{_names(df.loc[bad, 'slide_id'].tolist())}")
-    return vals
+def _classification_labels(rows: list[dict[str, str]], path: Path) -> list[Any]:
+    kinds = [_kind(r["label"]) for r in rows]
+    present = set(kinds)
+    if present == {"int"}:
+        return [int(float(r["label"])) for r in rows]
+    if present == {"bool"}:
+        return [_BOOL[r["label"].lower()] for r in rows]
+    if present <= {"int", "float"}:
+        r = rows[kinds.index("float")]
+        raise MILError(f"{_where(path, r['_line'], r['slide_id'])}: label {r['label']!r} is not an integer; "
+                       "classification labels must be integers or text (use --task regression for a numeric "
+                       "target)")
+    if present == {"text"}:
+        return [r["label"] for r in rows]
+    # Mixed: name the first row of the rarer kind (most likely the typo).
+    counts = {k: kinds.count(k) for k in present}
+    rare = min(counts, key=lambda k: (counts[k], k))
+    major = max(counts, key=lambda k: (counts[k], k))
+    r = rows[kinds.index(rare)]
+    names = {"int": "an integer", "float": "a number", "bool": "true/false", "text": "text"}
+    raise MILError(f"{_where(path, r['_line'], r['slide_id'])}: label {r['label']!r} is {names[rare]} while "
+                   f"{counts[major]} other label(s) are {names[major]}; a label column must hold one type "
+                   f"(kinds found: {', '.join(f'{names[k]} x{n}' for k, n in sorted(counts.items()))})")
+
+
+def _numbers(rows: list[dict[str, str]], col: str, path: Path) -> np.ndarray:
+    out = []
+    for r in rows:
+        f = _as_float(r[col])
+        if f is None:
+            raise MILError(f"{_where(path, r['_line'], r['slide_id'])}: column {col!r} must be a finite number "
+                           f"(got {r[col]!r})")
+        out.append(f)
+    return np.asarray(out, dtype=np.float64)
+
+
+#: Values of a ``split`` column (case-insensitive).
+SPLIT_VALUES = ("train", "val", "test")
 
 
 def read_labels(path: str | os.PathLike, task: str | None = None) -> pd.DataFrame:
     """Read a labels CSV.
 
-    Returns ``slide_id`` (str), the targets (``label``: int or str for classification, float for
-    regression; ``time`` float and ``event`` int for survival), ``patient_id`` (str, if present) and
-    ``split`` (if present); ``df.attrs["task"]`` holds the task (``task`` if given, else detected).
+    Returns ``slide_id`` (str, NFC-normalised), the targets (``label``: int or str for classification,
+    float for regression; ``time`` float and ``event`` int for survival), ``patient_id`` (str, if present)
+    and ``split`` (``train``/``val``/``test``, if present); ``df.attrs["task"]`` holds the task (``task`` if
+    given, else detected) and ``df.attrs["lines"]`` the file line of every row. A slide listed twice, an
+    empty / NaN target, a label column mixing types (integers and text, say) or an unknown split value is an
+    error naming the line.
     """
     path = Path(path)
     if not path.is_file():
         raise MILError(f"{path}: labels CSV not found")
-    try:
-        df = pd.read_csv(path, dtype={"slide_id": str, "patient_id": str}, skipinitialspace=True)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise MILError(f"{path}: cannot read labels CSV ({exc})") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    if "slide_id" not in df.columns:
-        raise MILError(f"{path}: labels CSV lacks column(s) ['slide_id'] (has {list(df.columns)}); "
+    cols, rows = _read_rows(path)
+    if "slide_id" not in cols:
+        raise MILError(f"{path}: labels CSV lacks column(s) ['slide_id'] (has {list(cols)}); "
                        "expected slide_id,label[,patient_id]")
     if task in (None, "auto"):
-        task = _detect_task(df, path)
+        task = _detect_task(cols, rows, path)
     needed = {"classification": ["label"], "regression": ["label"], "survival": ["time", "event"]}.get(task)
     if needed is None:
         raise MILError(f"unknown task {task!r} (known: classification, survival, regression)")
-    missing = [c for c in needed if c not in df.columns]
+    missing = [c for c in needed if c not in cols]
     if missing:
-        raise MILError(f"{path}: labels CSV lacks column(s) {missing} (has {list(df.columns)}); "
+        raise MILError(f"{path}: labels CSV lacks column(s) {missing} (has {list(cols)}); "
                        f"a {task} task needs slide_id,{','.join(needed)}[,patient_id]")
-    df = df.copy()
-    df["slide_id"] = df["slide_id"].astype(str).str.strip()
-    bad = df["slide_id"].isna() | (df["slide_id"] == "") | (df["slide_id"] == "nan")
-    if bad.any():
-        raise MILError(f"{path}: empty slide_id in row(s) {_names((np.flatnonzero(bad.to_numpy()) + 2).tolist())}")
-    df = _drop_missing(df, needed, path)
+    seen: dict[str, int] = {}
+    for r in rows:
+        sid = r["slide_id"]
+        if _is_missing(sid):
+            raise MILError(f"{path}: line {r['_line']}: empty slide_id")
+        if sid in seen:
+            raise MILError(f"{path}: line {r['_line']}: slide_id {sid!r} listed twice (also line {seen[sid]}); "
+                           "list every slide once")
+        seen[sid] = r["_line"]
+        for c in needed:
+            if _is_missing(r[c]):
+                raise MILError(f"{_where(path, r['_line'], sid)}: empty {c!r} ({r[c]!r}); give every listed "
+                               "slide a value, or leave the slide out of the labels CSV")
+    data: dict[str, Any] = {"slide_id": [r["slide_id"] for r in rows]}
     if task == "classification":
-        lab = df["label"]
-        if pd.api.types.is_bool_dtype(lab):
-            labels = [int(v) for v in lab]
-        elif pd.api.types.is_numeric_dtype(lab):
-            vals = lab.to_numpy(dtype=float)
-            if np.all(np.isfinite(vals)) and np.all(vals == np.round(vals)):
-                labels = [int(v) for v in vals]
-            else:
-                raise MILError(f"{path}: classification labels must be integers or strings (got non-integer "
-                               "numbers; use --task regression for a numeric target)")
-        else:
-            labels = [str(v).strip() for v in lab]
-        df["label"] = pd.Series(labels, index=df.index, dtype=object)
-        target_cols = ["label"]
+        data["label"] = pd.Series(_classification_labels(rows, path), dtype=object)
     elif task == "regression":
-        df["label"] = _numbers(df, "label", path)
-        target_cols = ["label"]
+        data["label"] = _numbers(rows, "label", path)
     else:
-        df["time"] = _numbers(df, "time", path)
-        ev = df["event"]
-        if pd.api.types.is_bool_dtype(ev):
-            events = ev.astype(int).to_numpy()
-        else:
-            text = ev.astype(str).str.strip().str.lower()
-            mapping = {"1": 1, "0": 0, "1.0": 1, "0.0": 0, "true": 1, "false": 0, "yes": 1, "no": 0}
-            badev = ~text.isin(list(mapping))
-            if badev.any():
-                raise MILError(f"{path}: column 'event' must be 1/0 (or true/false); bad value(s) for slide(s) "
-                               f"{_names(df.loc[badev, 'slide_id'].tolist())}")
-            events = text.map(mapping).to_numpy(dtype=np.int64)
-        df["event"] = events.astype(np.int64)
-        if (df["time"] < 0).any():
-            raise MILError(f"{path}: negative survival time for slide(s) "
-                           f"{_names(df.loc[df['time'] < 0, 'slide_id'].tolist())}")
-        target_cols = ["time", "event"]
-    if "patient_id" in df.columns:
-        pid = df["patient_id"].astype(object)
-        nopid = pid.isna() | (pid.astype(str).str.strip() == "")
-        if nopid.any():
+        data["time"] = _numbers(rows, "time", path)
+        mapping = {"1": 1, "0": 0, "1.0": 1, "0.0": 0, "true": 1, "false": 0, "yes": 1, "no": 0}
+        events = []
+        for r in rows:
+            v = r["event"].lower()
+            if v not in mapping:
+                raise MILError(f"{_where(path, r['_line'], r['slide_id'])}: column 'event' must be 1/0 (or "
+                               f"true/false); got {r['event']!r}")
+            events.append(mapping[v])
+        data["event"] = np.asarray(events, dtype=np.int64)
+        neg = [r for r, t in zip(rows, data["time"]) if t < 0]
+        if neg:
+            raise MILError(f"{_where(path, neg[0]['_line'], neg[0]['slide_id'])}: negative survival time "
+                           f"{neg[0]['time']}")
+    if "patient_id" in cols:
+        nopid = [r["slide_id"] for r in rows if _is_missing(r["patient_id"])]
+        if nopid:
             log.warning("%s: %d slide(s) without patient_id are treated as their own patient: %s", path,
-                        int(nopid.sum()), _names(df.loc[nopid, "slide_id"].tolist()))
-        df["patient_id"] = [s if m else str(p).strip() for p, s, m in zip(pid, df["slide_id"], nopid)]
-    if "split" in df.columns:
-        sp = df["split"].astype(str).str.strip().str.lower()
-        sp = sp.replace({"val": "train", "validation": "train", "training": "train", "testing": "test"})
-        badsp = ~sp.isin(["train", "test"])
-        if badsp.any():
-            raise MILError(f"{path}: column 'split' must be train or test; bad value(s) for slide(s) "
-                           f"{_names(df.loc[badsp, 'slide_id'].tolist())}")
-        df["split"] = sp
-    dup = df["slide_id"].duplicated(keep=False)
-    if dup.any():
-        d = df.loc[dup]
-        cols = target_cols + [c for c in ("patient_id", "split") if c in df.columns]
-        conflicting = [sid for sid, g in d.groupby("slide_id", sort=True)
-                       if any(g[c].astype(str).nunique() > 1 for c in cols)]
-        if conflicting:
-            raise MILError(f"{path}: slide(s) listed more than once with different labels: {_names(conflicting)}")
-        log.warning("%s: duplicate rows for slide(s) %s (kept one)", path, _names(sorted(set(d["slide_id"]))))
-        df = df.drop_duplicates("slide_id", keep="first")
-    df = df.reset_index(drop=True)
+                        len(nopid), _names(nopid))
+        data["patient_id"] = [r["slide_id"] if _is_missing(r["patient_id"]) else r["patient_id"] for r in rows]
+    if "split" in cols:
+        sp = []
+        for r in rows:
+            v = r["split"].lower()
+            if v not in SPLIT_VALUES:
+                raise MILError(f"{_where(path, r['_line'], r['slide_id'])}: split {r['split']!r} is not one of "
+                               f"{', '.join(SPLIT_VALUES)}")
+            sp.append(v)
+        data["split"] = sp
+    df = pd.DataFrame(data)
     df.attrs["task"] = task
+    df.attrs["lines"] = [r["_line"] for r in rows]
     return df
 
 
@@ -279,7 +347,7 @@ class MILDataset:
     target: np.ndarray | None = None  # (n,) float: regression target
     time: np.ndarray | None = None  # (n,) float: survival time
     event: np.ndarray | None = None  # (n,) int: survival event (1 observed, 0 censored)
-    split: np.ndarray | None = None  # (n,) "train"/"test" when the labels CSV has a split column
+    split: np.ndarray | None = None  # (n,) "train"/"val"/"test" when the labels CSV has a split column
 
     def __len__(self) -> int:
         return len(self.slide_ids)

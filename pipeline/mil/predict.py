@@ -2,7 +2,11 @@
 
 Output CSV: ``slide_id,prob`` (binary; ``prob`` = P(classes[1])), ``slide_id,pred,prob_<class>...``
 (multi-class), ``slide_id,risk`` (survival; higher = shorter expected survival) or ``slide_id,pred``
-(regression); every value is the mean over the fold models. With an attention folder: one
+(regression); every value is the mean over the fold models. Then ``in_training`` (1 when any fold model
+trained on the slide, its training or validation part included, so the prediction is not a test result; 0
+for a slide no fold model saw) and ``in_training_fold_<k>`` per fold model (1/0). For evaluation use the
+training run's out-of-fold ``predictions.csv``, never the rows of this file with ``in_training`` 1. With an
+attention folder: one
 ``{slide_id}.csv`` per slide with ``x,y`` (the bag's coords, in its order) and, averaged over the folds,
 ``attention`` (models with attention: the softmax weight of each patch) and the instance scores of models
 that have them (``score``; ``score_<class>`` for multi-class): the instance classifier's log-odds, or the
@@ -33,8 +37,9 @@ log = logging.getLogger("pipeline.mil")
 def load_models(model_dir: str | os.PathLike, device: Any = None) -> tuple[dict[str, Any], list[Any]]:
     """The training config (``model_config.json``) and the fold models, in eval mode on ``device``.
 
-    Each model carries its fold's task (``net.mil_task``) and feature standardisation (``net.mil_norm``,
-    ``(mean, std)`` tensors or None).
+    Each model carries its fold's task (``net.mil_task``), feature standardisation (``net.mil_norm``,
+    ``(mean, std)`` tensors or None) and the slides it trained on (``net.mil_seen``: training + validation
+    part; None for checkpoints that do not record them).
     """
     import torch
 
@@ -72,6 +77,8 @@ def load_models(model_dir: str | os.PathLike, device: Any = None) -> tuple[dict[
         norm = ckpt.get("norm")
         net.mil_task = task
         net.mil_norm = None if not norm else (norm["mean"].to(dev), norm["std"].to(dev))
+        seen = fcfg.get("train_slides")
+        net.mil_seen = None if seen is None else set(seen) | set(fcfg.get("val_slides") or [])
         models.append(net)
     if not models:
         raise MILError(f"{cfg_path}: lists no fold models")
@@ -119,8 +126,19 @@ def _score_columns(models: list[Any]) -> list[str]:
 
 
 def predict(model_dir: str | os.PathLike, bags: Iterable[str | os.PathLike], out_csv: str | os.PathLike,
-            attention_dir: str | os.PathLike | None = None, device: str | None = None) -> pd.DataFrame:
-    """Predict every bag in ``bags`` (bag paths or folders) with the fold models in ``model_dir``."""
+            attention_dir: str | os.PathLike | None = None, device: str | None = None,
+            threads: int | None = None) -> pd.DataFrame:
+    """Predict every bag in ``bags`` (bag paths or folders) with the fold models in ``model_dir``;
+    ``threads``: torch CPU threads (restored afterwards)."""
+    from .train import torch_threads
+
+    if threads is not None and int(threads) < 1:
+        raise MILError(f"--threads must be >= 1 (got {threads})")
+    with torch_threads(threads):
+        return _predict(model_dir, bags, out_csv, attention_dir, device)
+
+
+def _predict(model_dir, bags, out_csv, attention_dir, device) -> pd.DataFrame:
     dev = pick_device(device)
     cfg, models = load_models(model_dir, dev)
     opened = open_bags(bags)
@@ -155,6 +173,10 @@ def predict(model_dir: str | os.PathLike, bags: Iterable[str | os.PathLike], out
             row["pred"] = classes[int(np.argmax(pred))]
             for c, name in enumerate(classes):
                 row[f"prob_{name}"] = float(pred[c])
+        seen = [None if net.mil_seen is None else int(sid in net.mil_seen) for net in models]
+        row["in_training"] = None if any(v is None for v in seen) else int(any(seen))
+        for k, v in enumerate(seen):
+            row[f"in_training_fold_{k}"] = v
         rows.append(row)
         if att_dir is not None:
             if att is None and sc is None:
@@ -177,7 +199,13 @@ def predict(model_dir: str | os.PathLike, bags: Iterable[str | os.PathLike], out
         cols_out = ["slide_id", "pred"] + ([f"prob_{c}" for c in classes] if task_name == "classification" else [])
     else:
         cols_out = ["slide_id", "prob"]
+    cols_out += ["in_training"] + [f"in_training_fold_{k}" for k in range(len(models))]
     out = pd.DataFrame(rows, columns=cols_out)
+    n_seen = int(out["in_training"].fillna(0).sum())
+    if n_seen:
+        log.info("%d of %d slide(s) were in the training data of at least one fold model (in_training = 1): "
+                 "not test predictions; use the training run's out-of-fold predictions.csv to evaluate",
+                 n_seen, len(out))
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(out, out_csv)
     log.info("%d slide(s) predicted with %d model(s) -> %s", len(out), len(models), out_csv)

@@ -30,10 +30,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..config import CHOICES
 from . import MILError
 
-SURVIVAL_LOSSES = ("nll", "cox")
-REGRESSION_LOSSES = ("mse", "mae")
+SURVIVAL_LOSSES = CHOICES[("mil", "survival_loss")]
+REGRESSION_LOSSES = CHOICES[("mil", "regression_loss")]
 
 
 def _torch():
@@ -125,10 +126,18 @@ class ClassificationTask(Task):
     def config(self) -> dict[str, Any]:
         return {"task": self.name, "classes": self.classes, "class_weights": self.weights}
 
-    def loss(self, logits, idx):
+    def loss(self, logits, idx, bce: bool = False):
+        """Cross-entropy, or with ``bce`` one binary cross-entropy per class against the one-hot label
+        (averaged over the classes, as torch's BCEWithLogitsLoss; DSMIL's multi-class loss); weighted by
+        the bag's class weight if set."""
         torch = _torch()
         target = torch.as_tensor(self.y[np.asarray(idx)], dtype=torch.long, device=logits.device)
-        per = torch.nn.functional.cross_entropy(logits.float(), target, reduction="none")
+        if bce:
+            onehot = torch.nn.functional.one_hot(target, logits.shape[-1]).to(torch.float32)
+            per = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits.float(), onehot, reduction="none").mean(dim=-1)
+        else:
+            per = torch.nn.functional.cross_entropy(logits.float(), target, reduction="none")
         if self.weights is not None:
             per = per * torch.as_tensor(self.weights, dtype=per.dtype, device=per.device)[target]
         return per.mean()

@@ -6,8 +6,11 @@ transformer layer (pre-LayerNorm, Nyström self-attention with 8 heads, residual
 (pyramid position encoding: the tokens are laid out on the square grid and depth-wise 7x7, 5x5 and 3x3
 convolutions are added to the identity), a second transformer layer and a final LayerNorm; the class token
 is classified by a linear layer. Paper defaults: 512-d, 8 heads, 256 landmarks, 6 Moore-Penrose
-iterations, a depth-wise residual convolution (kernel 33) on the values, attention dropout 0.1; lr 2e-4,
-weight decay 1e-5.
+iterations, a depth-wise residual convolution (kernel 33) on the values, attention dropout 0.1, the class
+token drawn from a standard normal (``torch.randn``, as in the authors' implementation). Training recipe
+(the authors' configuration): Lookahead-RAdam (:mod:`pipeline.mil.optim`) lr 2e-4, weight decay 1e-5,
+constant learning rate, up to 200 epochs, early stopping on the validation loss with patience 10, gradients
+accumulated over 2 bags (``batch_size`` 2).
 
 Nyström attention (Xiong et al., AAAI 2021): the softmax attention ``softmax(Q K^T / √d) V`` is approximated
 by ``softmax(Q K̃^T) pinv(softmax(Q̃ K̃^T)) softmax(Q̃ K^T) V`` with ``m`` landmarks ``Q̃, K̃`` (segment means of
@@ -16,9 +19,11 @@ pseudo-inverse from the iterative Moore-Penrose scheme of Razavi et al. Sequence
 use the exact softmax attention (which the approximation would only reproduce). The pseudo-inverse is
 computed in float32 even under bf16 autocast.
 
-``attention``: the exact softmax attention of the class-token query over the instance tokens in the last
-layer, averaged over the heads (repeated padding tokens are added back onto the instance they copy) and
-renormalised over the instances.
+``attention``: the class token's row of the attention matrix that the last layer actually applies (exact
+softmax up to ``m`` tokens, the Nyström product beyond), averaged over the heads; repeated padding tokens are
+added back onto the instance they copy, negative entries of the Nyström approximation are clipped to 0, and
+the result is renormalised over the instances. It is differentiable, so AEM's entropy term regularises the
+attention the prediction depends on.
 """
 
 from __future__ import annotations
@@ -63,15 +68,19 @@ class NystromAttention(nn.Module):
                                   bias=False) if k > 0 else None
 
     def forward(self, x: torch.Tensor, cls_attention: bool = False):
-        """``x`` ``(n, dim)`` -> ``(n, dim)``; with ``cls_attention`` also the exact softmax attention
-        ``(n,)`` of token 0's query over all tokens, averaged over the heads."""
+        """``x`` ``(n, dim)`` -> ``(n, dim)``; with ``cls_attention`` also the row of token 0 (its query over
+        all tokens) of the attention matrix applied, exact or Nyström, averaged over the heads, ``(n,)``."""
         n = x.shape[0]
         h, d = self.heads, self.dim_head
         q, k, v = self.to_qkv(x).chunk(3, dim=-1)
         q, k, v = (t.reshape(n, h, d).transpose(0, 1) for t in (q, k, v))  # (h, n, d)
         q = q * self.scale
+        cls_row = None
         if n <= self.m:
-            out = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+            attn = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+            out = attn @ v
+            if cls_attention:
+                cls_row = attn[:, 0]  # (h, n)
         else:
             pad = (-n) % self.m
             qp = torch.nn.functional.pad(q, (0, 0, pad, 0))
@@ -86,13 +95,14 @@ class NystromAttention(nn.Module):
             inv = moore_penrose_pinv(attn2, self.pinv_iterations).to(attn1.dtype)
             out = (attn1 @ inv) @ (attn3 @ vp)
             out = out[:, pad:]
+            if cls_attention:  # token 0 sits at row ``pad`` of the padded sequence
+                cls_row = ((attn1[:, pad:pad + 1] @ inv) @ attn3)[:, 0, pad:]  # (h, n)
         if self.res_conv is not None:
             out = out + self.res_conv(v.unsqueeze(0)).squeeze(0)
         out = self.to_out(out.transpose(0, 1).reshape(n, h * d))
         if not cls_attention:
             return out
-        a = torch.softmax((q[:, :1] @ k.transpose(-1, -2)).float(), dim=-1)  # (h, 1, n)
-        return out, a.mean(dim=0)[0]
+        return out, cls_row.float().mean(dim=0)
 
 
 class TransLayer(nn.Module):
@@ -133,7 +143,7 @@ class TransMIL(nn.Module):
         super().__init__()
         self.in_dim, self.n_classes, self.dim = int(in_dim), int(n_classes), int(dim)
         self.fc1 = nn.Sequential(nn.Linear(self.in_dim, self.dim), nn.ReLU())
-        self.cls_token = nn.Parameter(torch.randn(1, self.dim) * 0.02)
+        self.cls_token = nn.Parameter(torch.randn(1, self.dim))
         self.layer1 = TransLayer(self.dim, heads, num_landmarks, pinv_iterations, dropout)
         self.pos = PPEG(self.dim)
         self.layer2 = TransLayer(self.dim, heads, num_landmarks, pinv_iterations, dropout)
@@ -154,12 +164,13 @@ class TransMIL(nn.Module):
         x = self.pos(x, side)
         x, a = self.layer2(x, cls_attention=True)
         logits = self.classifier(self.norm(x)[0])
-        att = torch.zeros(n, dtype=a.dtype, device=a.device).index_add(0, source, a[1:])
+        att = torch.zeros(n, dtype=a.dtype, device=a.device).index_add(0, source, a[1:]).clamp_min(0.0)
         att = att / att.sum().clamp_min(1e-12)
         return {"logits": logits, "attention": att}
 
 
-@register_model(lr=2e-4, weight_decay=1e-5)
+@register_model(lr=2e-4, weight_decay=1e-5, optimizer="radam_lookahead", schedule="constant", epochs=200,
+                patience=10, batch_size=2)
 def transmil(in_dim: int, n_classes: int, dim: int = 512, heads: int = 8, num_landmarks: int = 256,
              pinv_iterations: int = 6, dropout: float = 0.1) -> TransMIL:
     """TransMIL: Nyström-attention transformer with PPEG position encoding (Shao et al. 2021)."""

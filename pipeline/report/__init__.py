@@ -31,8 +31,9 @@ from ..files import write_text_atomic
 from ..layout import Layout
 from ..log import get_logger, setup
 from . import collect
-from .collect import read_failures, roc_curve
-from .images import IMAGE_MAX_PX, overview_image, roc_plot
+from ..curves import roc as roc_curve
+from .collect import read_failures
+from .images import IMAGE_MAX_PX, km_plot, overview_image, roc_plot
 
 __all__ = ["build_report", "slide_record", "overview_image", "roc_curve", "read_failures", "main"]
 
@@ -124,13 +125,13 @@ def _row(rec: dict[str, Any], img: str | None, failures: list[dict[str, str]], r
 
 
 def build_report(results_dir: str | os.PathLike, out_html: str | os.PathLike, slides: Iterable[str] | None = None,
-                 tag: str | None = None, mil_model: str | None = None,
+                 tag: str | None = None, mil_model: str | Iterable[str] | None = None,
                  image_max_px: int = STAGE_DEFAULTS["report"]["image_max_px"]) -> dict[str, Any]:
     """Write the cohort report to ``out_html`` (atomically); returns a summary dict.
 
     ``slides``: the slide ids to report (default: every slide with any output or recorded failure).
     ``tag``: the feature folder under ``features/`` and ``mil/`` (default: all). ``mil_model``: the MIL
-    run under ``mil/{tag}/`` (default: every run with a metrics.json).
+    run(s) under ``mil/{tag}/`` (default: every run with a metrics.json).
     """
     layout = Layout(results_dir, tag)
     results = Path(layout.root)
@@ -184,11 +185,15 @@ def build_report(results_dir: str | os.PathLike, out_html: str | os.PathLike, sl
         n_default_mpp += rec["mpp_source"] == "config.default_mpp"
         rows.append(row)
 
+    names = [mil_model] if isinstance(mil_model, str) else list(mil_model or [])
+    run_dirs = [d for n in names for d in layout.mil_runs(n)] if names else layout.mil_runs()
     runs = []
-    for run_dir in layout.mil_runs(mil_model):
+    for run_dir in run_dirs:
         run = collect.mil_run(layout, run_dir)
         run["plot"] = roc_plot(run["curves"]) if run.get("curves") else None
+        run["km_plot"] = km_plot(run["km"]) if run.get("km") else None
         runs.append(run)
+    compared = collect.comparison(layout, run_dirs) if len(run_dirs) > 1 else None
     summary = [("slides", len(ids)), ("ok", counts["ok"]), ("failed", counts["failed"]),
                ("incomplete", counts["incomplete"]), ("total patches", f"{total_patches:,}"),
                ("total tissue area", f"{total_area:.1f} mm²"), ("feature bags", n_bags), ("MIL runs", len(runs))]
@@ -200,7 +205,7 @@ def build_report(results_dir: str | os.PathLike, out_html: str | os.PathLike, sl
         "now": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "version": __version__,
         "report_version": STAGE_VERSIONS["report"], "n_random": n_random, "n_bags": n_bags, "counts": counts,
         "cohort_failures": cohort_fail, "n_default_mpp": n_default_mpp, "summary": summary, "rows": rows,
-        "mil_runs": runs, "other_heatmaps": [link(h) for h in other_heatmaps],
+        "mil_runs": runs, "comparison": compared, "other_heatmaps": [link(h) for h in other_heatmaps],
     })
     write_text_atomic(out_html, text)
     return {"out": str(out_html), "slides": len(ids), **counts, "total_patches": total_patches,
@@ -215,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settings", default=None, help="the report settings as a JSON object (defaults of the "
                                                      "options below)")
     ap.add_argument("--tag", default=None, help="feature tag (folder under features/ and mil/); default: all")
-    ap.add_argument("--mil-model", default=None, help="MIL run under mil/{tag}/; default: all")
+    ap.add_argument("--mil-model", action="append", default=None,
+                    help="MIL run under mil/{tag}/ (repeatable); default: all")
     ap.add_argument("--slides", nargs="*", default=None,
                     help="slide ids to report (default: every slide with an output or a recorded failure)")
     ap.add_argument("--slides-file", default=None, help="file with the slide ids to report, one per line")

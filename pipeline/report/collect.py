@@ -14,6 +14,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from ..curves import CurveError, km_groups, read_predictions
+from ..curves import roc_curves as roc_curves_of
 from ..files import read_json_or_none
 from ..layout import Layout
 
@@ -189,19 +191,57 @@ def discover_slide_ids(layout: Layout, failures: Iterable[dict[str, str]] = ()) 
 
 
 # -- MIL ----------------------------------------------------------------------------------------------
-def roc_curve(y_true: Iterable[Any], score: Iterable[float]) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """(fpr, tpr, auc) of binary labels (truthy = positive) and scores (scikit-learn's ``roc_curve``, every
-    threshold kept; tied scores form one diagonal step); None when a class is absent."""
-    from sklearn.metrics import auc, roc_curve as _roc
+def roc_curves(pred_csv: Path, metrics: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
+    """ROC curves from out-of-fold predictions (:func:`pipeline.curves.roc_curves`), or why there are none."""
+    if not Path(pred_csv).is_file():
+        return [], "no out-of-fold predictions.csv"
+    try:
+        df = read_predictions(pred_csv)
+    except CurveError as exc:
+        return [], f"unreadable predictions.csv ({exc})"
+    if "label" not in df.columns:
+        return [], "predictions.csv has no label column (not a classification task)"
+    if "prob" not in df.columns and not any(str(c).startswith("prob_") for c in df.columns):
+        return [], "predictions.csv has no prob / prob_<class> columns"
+    curves = roc_curves_of(df, metrics)
+    if "prob" in df.columns:
+        for c in curves:
+            c["name"] = f"positive class {c['name']}"
+        return curves, None if curves else "out-of-fold predictions hold a single class: ROC undefined"
+    return curves, None if curves else "no class has both positives and negatives: ROC undefined"
 
-    y = np.asarray(list(y_true), dtype=bool)
-    s = np.asarray(list(score), dtype=np.float64)
-    ok = np.isfinite(s)
-    y, s = y[ok], s[ok]
-    if y.all() or not y.any():
+
+def km_curves(pred_csv: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """Kaplan-Meier curves by predicted risk group (:func:`pipeline.curves.km_groups`), or why there are none."""
+    try:
+        return km_groups(read_predictions(pred_csv), str(pred_csv)), None
+    except CurveError as exc:
+        return None, str(exc)
+
+
+def comparison(layout: Layout, runs: list[Path]) -> dict[str, Any] | None:
+    """The table of ``comparison.csv`` (every run, mean ± sd over folds per metric), when it exists."""
+    path = Path(layout.mil_comparison("csv")) if layout.tag else None
+    if path is None or not path.is_file():
         return None
-    fpr, tpr, _ = _roc(y, s, drop_intermediate=False)
-    return fpr, tpr, float(auc(fpr, tpr))
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, csv.Error) as exc:
+        return {"error": f"unreadable {path.name} ({exc})"}
+    names = {r.name for r in runs}
+    rows = [r for r in rows if Path(r.get("run", "")).name in names] or rows
+    metrics = [c[:-len("_mean")] for c in (rows[0] if rows else {}) if c.endswith("_mean")]
+
+    def cell(r: dict[str, str], m: str) -> str:
+        mean, sd = _float(r.get(f"{m}_mean")), _float(r.get(f"{m}_sd"))
+        if not math.isfinite(mean):
+            return "n/a"
+        return f"{mean:.3f}" + (f" ± {sd:.3f}" if math.isfinite(sd) else "")
+
+    return {"metrics": metrics, "rows": [{"run": Path(r.get("run", "")).name, "model": r.get("model"),
+                                          "same_folds": r.get("same_folds"),
+                                          "cells": [cell(r, m) for m in metrics]} for r in rows]}
 
 
 def _float(v: Any) -> float:
@@ -209,44 +249,6 @@ def _float(v: Any) -> float:
         return float(v)
     except (TypeError, ValueError):
         return math.nan
-
-
-def _same_number(a: str, b: str) -> bool:
-    fa, fb = _float(a), _float(b)
-    return math.isfinite(fa) and fa == fb
-
-
-def roc_curves(pred_csv: Path, metrics: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
-    """ROC curves from out-of-fold predictions: binary (``prob``) or one-vs-rest (``prob_<class>``)."""
-    try:
-        with open(pred_csv, encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            cols, rows = list(reader.fieldnames or []), list(reader)
-    except FileNotFoundError:
-        return [], "no out-of-fold predictions.csv"
-    except (OSError, ValueError, csv.Error) as exc:
-        return [], f"unreadable predictions.csv ({exc})"
-    if "label" not in cols:
-        return [], "predictions.csv has no label column (not a classification task)"
-    labels = [r.get("label", "") for r in rows]
-    curves = []
-    if "prob" in cols:
-        classes = [str(c) for c in metrics.get("classes") or []]
-        pos = str(metrics.get("positive_class", classes[1] if len(classes) == 2 else "1"))
-        res = roc_curve([lab == pos or _same_number(lab, pos) for lab in labels], [_float(r["prob"]) for r in rows])
-        if res is None:
-            return [], "out-of-fold predictions hold a single class: ROC undefined"
-        curves.append({"name": f"positive class {pos}", "fpr": res[0], "tpr": res[1], "auc": res[2]})
-        return curves, None
-    prob_cols = [c for c in cols if c.startswith("prob_")]
-    if not prob_cols:
-        return [], "predictions.csv has no prob / prob_<class> columns"
-    for c in prob_cols:
-        name = c[len("prob_"):]
-        res = roc_curve([lab == name or _same_number(lab, name) for lab in labels], [_float(r[c]) for r in rows])
-        if res is not None:
-            curves.append({"name": f"{name} vs rest", "fpr": res[0], "tpr": res[1], "auc": res[2]})
-    return curves, None if curves else "no class has both positives and negatives: ROC undefined"
 
 
 def mil_run(layout: Layout, run_dir: Path) -> dict[str, Any]:
@@ -272,7 +274,12 @@ def mil_run(layout: Layout, run_dir: Path) -> dict[str, Any]:
     notes += [f"{k}: {v}" for k, v in mean.items() if k.endswith("_note")]
     run["notes"] = notes
     run["mean_items"] = [(k, v) for k, v in mean.items() if not k.endswith("_note")]
-    run["curves"], run["roc_note"] = roc_curves(run_dir / "predictions.csv", metrics)
+    run["task"] = metrics.get("task", "classification")
+    run["curves"], run["roc_note"], run["km"] = [], None, None
+    if run["task"] == "survival":
+        run["km"], run["roc_note"] = km_curves(run_dir / "predictions.csv")
+    else:
+        run["curves"], run["roc_note"] = roc_curves(run_dir / "predictions.csv", metrics)
     return run
 
 

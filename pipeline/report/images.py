@@ -96,3 +96,28 @@ def roc_plot(curves: list[dict[str, Any]], size: int = 320) -> dict[str, Any]:
                     "points": " ".join(xy(f, t) for f, t in zip(c["fpr"], c["tpr"])), "legend_y": size + 4 + 16 * i}
                    for i, c in enumerate(curves)],
     }
+
+
+def km_plot(km: dict[str, Any], size: int = 320) -> dict[str, Any]:
+    """Geometry of a Kaplan-Meier plot for the template's ``km_svg`` macro: one step ``points`` string per
+    risk group (time scaled to the longest follow-up), with its colour and the log-rank p-value."""
+    m, p = 40, size - 50
+    t_max = max([max(g["time"] + g["censored"] or [0.0]) for g in km["groups"]] + [1e-9])
+
+    def xy(t: float, s: float) -> str:
+        return f"{m + t / t_max * p:.1f},{10 + (1 - s) * p:.1f}"
+
+    groups = []
+    for i, g in enumerate(km["groups"]):
+        pts, last = [], 1.0
+        for t, s in zip(g["time"], g["survival"]):
+            pts += [xy(t, last), xy(t, s)]
+            last = s
+        end = max(g["time"] + g["censored"] or [0.0])
+        pts.append(xy(end, last))
+        groups.append({"name": f"{g['name']} (n={g['n']}, {g['events']} events)", "points": " ".join(pts),
+                       "colour": CURVE_COLOURS[i % len(CURVE_COLOURS)], "legend_y": size + 4 + 16 * i})
+    lr = km.get("logrank") or {}
+    return {"size": size, "height": size + 16 * len(groups) + 24, "m": m, "p": p, "t_max": t_max,
+            "groups": groups, "p_value": lr.get("p"), "split": km.get("split"),
+            "ticks": [(t, m + t * p, 10 + (1 - t) * p) for t in (0.0, 0.5, 1.0)]}

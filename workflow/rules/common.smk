@@ -7,11 +7,12 @@
 # Nothing here imports torch: planning stays fast.
 
 import json
+import re
 import sys
 from pathlib import Path
 
 from pipeline import STAGE_VERSIONS
-from pipeline.config import ConfigError, load_schema, load_workflow_config
+from pipeline.config import ConfigError, canonical, load_schema, load_workflow_config
 from pipeline.files import safe_name
 from pipeline.layout import Layout
 from pipeline.provenance import fingerprints
@@ -28,7 +29,8 @@ RESULTS = CFG.results_dir
 TAG = CFG.tag
 LAYOUT = Layout(RESULTS, TAG)
 LABELS = TOP["labels_csv"] or None
-MIL_MODEL = CFG.stages["mil"]["model"]
+MIL_RUNS = CFG.mil  # MIL run name -> the settings of that run (several models train on the same folds)
+MIL_MODEL = next(iter(MIL_RUNS))  # the first run: its attention makes the heatmaps
 FEATURES = CFG.stages["features"]
 
 try:
@@ -97,7 +99,7 @@ COHORT_LISTS = {
 
 wildcard_constraints:
     slide="[^/]+",
-    mil_model="[^/]+",
+    mil_model="|".join(re.escape(m) for m in MIL_RUNS),
     batch="[0-9]+",
 
 
@@ -136,12 +138,18 @@ def weights_lock():
     return [LAYOUT.weights_lock(FEATURES["model"])] if FEATURES["pretrained"] else []
 
 
-def mil_targets(mil_model=None):
-    """The MIL outputs and heatmaps of the configured model (none without labels)."""
+def mil_targets():
+    """Every MIL run's metrics and predictions, the comparison of the runs and the heatmaps of the first
+    run (none without labels)."""
     if not MIL_SLIDES:
         return []
-    m = mil_model or MIL_MODEL
-    return [LAYOUT.mil_file(m, "metrics.json"), LAYOUT.mil_file(m, "predictions_all.csv")] + heatmap_targets(m)
+    out = [LAYOUT.mil_file(m, f) for m in MIL_RUNS for f in ("metrics.json", "predictions_all.csv")]
+    return out + [LAYOUT.mil_comparison("csv"), LAYOUT.mil_comparison("json")] + heatmap_targets()
+
+
+def mil_settings(wildcards):
+    """The settings of one MIL run (canonical JSON): what its training job gets and compares for reruns."""
+    return canonical(MIL_RUNS[wildcards.mil_model])
 
 
 def heatmap_targets(mil_model=None):

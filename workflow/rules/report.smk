@@ -6,7 +6,10 @@ rule report:
         tissue=[LAYOUT.tissue_json(s) for s in SLIDES],
         grids=[LAYOUT.grid(s) for s in SLIDES],
         bags=bag_manifests(SLIDES),
-        mil=[LAYOUT.mil_file(MIL_MODEL, f) for f in ("metrics.json", "predictions.csv")] if MIL_SLIDES else [],
+        mil=[LAYOUT.mil_file(m, f) for m in MIL_RUNS for f in ("metrics.json", "predictions.csv")]
+        + [LAYOUT.mil_comparison("csv"), LAYOUT.mil_comparison("json")]
+        if MIL_SLIDES
+        else [],
         # heatmap PNGs (linked from the report) when heatmap.smk is included before this file
         heatmaps=[t for t in heatmap_targets() if t.endswith(".png")],
     output:
