@@ -761,8 +761,13 @@ class _RawLevel:
         return a.reshape(rows, self.width, 3)
 
     def tiles(self) -> Iterator[np.ndarray]:
+        """Full 256 px tiles, row-major; beyond the level's edge, the edge pixels repeat (zero padding would
+        bleed dark colour into the last row/column through JPEG's 2x2 chroma subsampling)."""
         for y0 in range(0, self.height, TILE):
             strip = self.read(y0, TILE)
+            ph, pw = TILE - strip.shape[0], (-self.width) % TILE
+            if ph or pw:
+                strip = cv2.copyMakeBorder(strip, 0, ph, 0, pw, cv2.BORDER_REPLICATE)
             for x0 in range(0, self.width, TILE):
                 yield strip[:, x0:x0 + TILE]
 
