@@ -242,14 +242,11 @@ def _window(box: Box, xs: np.ndarray, ys: np.ndarray) -> tuple[slice, slice]:
     return slice(int(r0), int(r1)), slice(int(c0), int(c1))
 
 
-# A field value never exceeds 1 + 0.125 * NOISE_MAX (< 1.5): a hole's -value >= 1.5 outside its window
+# The tissue field never exceeds 1 + 0.15 * NOISE_MAX (< 2): a hole's -value >= 2 outside its window
 # cannot cut anything, and a blob's value <= -1 never beats the background of -1, so evaluating each
 # shape only inside its window defines the same field everywhere (and lets a tile skip far shapes).
 _BLOB_WINDOW = 1.0
-_HOLE_WINDOW = 1.5
-# Where every tissue blob is below -0.45, tissue (blob + 0.125 * noise) is certainly absent.
-_TISSUE_REACH = 0.125 * NOISE_MAX + 0.02
-_TUMOUR_REACH = 0.12 * NOISE_MAX + 0.02
+_HOLE_WINDOW = 2.0
 
 
 class _Geometry:
@@ -291,11 +288,20 @@ class _Geometry:
             a, b = (half_l * fill_l, half_s * fill_s) if horizontal else (half_s * fill_s, half_l * fill_l)
             rot = float(rng.uniform(-0.25, 0.25))
             self.blobs.append(_Blob(float(bx), float(by), float(a), float(b), rot, _radial_profile(rng, 0.13)))
-        self.noise = _new_noise(rng, 220.0)
-        self.fine = _new_noise(rng, 60.0)
+        # outline noise (amplitude, noise): its cells grow with the slide like the sections do, so that the
+        # ragged band along the edge keeps its proportions; on slides larger than 3072 px a fixed-size term
+        # keeps the edge irregular at the cell scale
+        s = max(1.0, min(width, height) / 3072.0)
+        self.tissue_noise = [(0.10, _new_noise(rng, 220.0 * s)), (0.025, _new_noise(rng, 60.0 * s))]
+        if s > 1.0:
+            self.tissue_noise.append((0.025 / s, _new_noise(rng, 60.0)))
+        # where every blob is below -reach, the tissue field (blob + noise) is certainly negative
+        self.tissue_reach = sum(a for a, _ in self.tissue_noise) * NOISE_MAX + 0.02
         self.holes: list[tuple[_Blob, Box]] = []
         self.tumours: list[tuple[_Blob, Box]] = []
-        self.tumour_noise: _Noise | None = None
+        self.tumour_noise: list[tuple[float, _Noise]] = []
+        self.tumour_reach = 0.0
+        self._size_scale = s
 
         coarse = self.tissue(cx, cy)
         self._add_holes(rng, coarse > 0.3, cx, cy)
@@ -332,7 +338,11 @@ class _Geometry:
         weights = rng.dirichlet(np.full(n, 2.0))
         shapes = [(float(rng.uniform(0.6, 1.0)), float(rng.uniform(0, np.pi)), _radial_profile(rng, 0.22))
                   for _ in range(n)]
-        self.tumour_noise = _new_noise(rng, 90.0)
+        s = self._size_scale
+        self.tumour_noise = [(0.12, _new_noise(rng, 90.0 * s))]
+        if s > 1.0:
+            self.tumour_noise.append((0.03 / s, _new_noise(rng, 90.0)))
+        self.tumour_reach = sum(a for a, _ in self.tumour_noise) * NOISE_MAX + 0.02
         area_px = tissue_nodes * float(self.coarse_step) ** 2
         scale = 1.0
         for _ in range(8):
@@ -349,23 +359,23 @@ class _Geometry:
 
     # -- evaluation on a grid of level-0 positions xs (columns) x ys (rows) ----------------------------
     def may_hold_tissue(self, xs: np.ndarray, ys: np.ndarray) -> bool:
-        return any(_hits(b.box(_TISSUE_REACH), xs, ys) for b in self.blobs)
+        return any(_hits(b.box(self.tissue_reach), xs, ys) for b in self.blobs)
 
     def may_hold_tumour(self, xs: np.ndarray, ys: np.ndarray) -> bool:
-        return any(_hits(b.box(_TUMOUR_REACH), xs, ys) for b, _ in self.tumours)
+        return any(_hits(b.box(self.tumour_reach), xs, ys) for b, _ in self.tumours)
 
-    def tissue(self, xs: np.ndarray, ys: np.ndarray, noise: np.ndarray | None = None,
-               fine: np.ndarray | None = None) -> np.ndarray:
-        """The tissue field at xs x ys; ``noise``/``fine``: this geometry's two noises there, if known."""
-        if noise is None or fine is None:
-            noise, fine = _noise_grids([self.noise, self.fine], xs, ys)
+    def tissue(self, xs: np.ndarray, ys: np.ndarray, noise: list[np.ndarray] | None = None) -> np.ndarray:
+        """The tissue field at xs x ys; ``noise``: the values of ``tissue_noise`` there, if known."""
+        if noise is None:
+            noise = list(_noise_grids([n for _, n in self.tissue_noise], xs, ys))
         xx, yy = xs[None, :], ys[:, None]
         f = np.full((ys.size, xs.size), -1.0, np.float32)
         for blob in self.blobs:
             win = _window(blob.box(_BLOB_WINDOW), xs, ys)
             if win[0].stop > win[0].start and win[1].stop > win[1].start:
                 f[win] = np.maximum(f[win], blob.value(xx[:, win[1]], yy[win[0]]))
-        f += 0.10 * noise + 0.025 * fine
+        for (amp, _), values in zip(self.tissue_noise, noise):
+            f += amp * values
         # keep a strip of glass along every border
         m = self.margin
         bx = np.minimum(xx, self.width - xx) - m * 0.6
@@ -377,19 +387,19 @@ class _Geometry:
                 f[win] = np.minimum(f[win], -hole.value(xx[:, win[1]], yy[win[0]]))
         return f.astype(np.float32, copy=False)
 
-    def tumour(self, xs: np.ndarray, ys: np.ndarray, tissue: np.ndarray, noise: np.ndarray | None = None
+    def tumour(self, xs: np.ndarray, ys: np.ndarray, tissue: np.ndarray, noise: list[np.ndarray] | None = None
                ) -> np.ndarray:
-        """The tumour field at xs x ys, given the tissue field there (and the tumour noise, if known)."""
-        assert self.tumour_noise is not None
+        """The tumour field at xs x ys, given the tissue field there (and ``tumour_noise`` there, if known)."""
         if noise is None:
-            noise = self.tumour_noise.grid(xs, ys)
+            noise = list(_noise_grids([n for _, n in self.tumour_noise], xs, ys))
         xx, yy = xs[None, :], ys[:, None]
         f = np.full((ys.size, xs.size), -1.0, np.float32)
         for blob, box in self.tumours:
             win = _window(box, xs, ys)
             if win[0].stop > win[0].start and win[1].stop > win[1].start:
                 f[win] = np.maximum(f[win], blob.value(xx[:, win[1]], yy[win[0]]))
-        f += 0.12 * noise
+        for (amp, _), values in zip(self.tumour_noise, noise):
+            f += amp * values
         return np.minimum(f, tissue * 4.0).astype(np.float32, copy=False)
 
 
@@ -470,8 +480,12 @@ class _Renderer:
         self.stain = np.array([rng.uniform(0.85, 1.15), rng.uniform(0.85, 1.15)], np.float32)
         # illumination, stain intensity, fibre-direction mix, loose stroma, nuclear density; then geometry's
         self.noises = [_new_noise(rng, c) for c in (600.0, 260.0, 300.0, 140.0, 384.0)]
+        n_t = n_u = 0
         if g is not None:
-            self.noises += [g.noise, g.fine] + ([g.tumour_noise] if g.tumour_noise is not None else [])
+            n_t, n_u = len(g.tissue_noise), len(g.tumour_noise)
+            self.noises += [n for _, n in g.tissue_noise] + [n for _, n in g.tumour_noise]
+        self._t_noise = list(range(5, 5 + n_t))  # where the geometry's noises are in self.noises
+        self._u_noise = list(range(5 + n_t, 5 + n_t + n_u))
         self.angle = float(rng.uniform(0, np.pi))
         self.nuclei_key = int(rng.integers(0, 1 << 63))
         n_base = TILE // _BASE + 4
@@ -619,11 +633,11 @@ class _Renderer:
         fields = {"illum": nz[..., 0] * np.float32(1.5)}
         if maybe:
             assert g is not None
-            T = g.tissue(xs, ys, nz[..., 5], nz[..., 6])
+            T = g.tissue(xs, ys, [nz[..., k] for k in self._t_noise])
             if (T > 0).any():
                 fields["T"] = T
                 if g.tumours and g.may_hold_tumour(xs, ys):
-                    U = g.tumour(xs, ys, T, nz[..., 7])
+                    U = g.tumour(xs, ys, T, [nz[..., k] for k in self._u_noise])
                     if (U > 0).any():
                         fields["U"] = U
         tissue = "T" in fields
