@@ -21,12 +21,14 @@ pleomorphic nuclei. Ground truth (tissue and tumour masks at downsample 16, plus
 
 Memory is bounded, whatever the slide size: the slide is generated and written one row of 256 px tiles
 at a time. Geometry (tissue sections, holes, tumour patches) is a handful of analytic shapes plus smooth
-noise; every low-frequency field is a pure function of the position, evaluated on a lattice every 4 px
-around each tile; fibre and pixel-noise textures come from small periodic banks; nuclei are drawn per
-tile from seeds derived from their 256 px block, so tiles join seamlessly. The reduced levels are
-cascaded from each tile row (exact 4x area averages) into raw temporary files next to the output, then
-written page by page. Peak memory grows with the slide's width (one tile row, ~0.2 MB per 256 px of
-width), not its area: a few hundred MB for 100,000 x 80,000 (see docs/benchmarks.md).
+noise; every field is a pure function of the position, evaluated on a lattice every 4 px around each tile;
+fibre and pixel-noise textures come from small periodic banks; nuclei are drawn per tile from seeds
+derived from their 256 px block. So tiles join seamlessly (a tile rendered at any origin equals the same
+window of the stored image; tested). Each tile row is cascaded into the reduced levels (exact 4x area
+averages) held in raw temporary files next to the output (3/16 byte per level-0 pixel for downsample 4),
+which are written page by page after level 0. Peak memory grows with the slide's width (one tile row:
+0.77 MB per 1,000 px) plus the ground-truth masks (2 bytes per 256 level-0 px): measured ~0.2 GB for
+25,000 x 20,000 and ~0.46 GB for 100,000 x 80,000, in ~16 s and ~4 min of CPU (docs/benchmarks.md).
 
 CLI::
 
@@ -344,6 +346,7 @@ class _Geometry:
             self.tumour_noise.append((0.03 / s, _new_noise(rng, 90.0)))
         self.tumour_reach = sum(a for a, _ in self.tumour_noise) * NOISE_MAX + 0.02
         area_px = tissue_nodes * float(self.coarse_step) ** 2
+        noise = list(_noise_grids([n for _, n in self.tumour_noise], cx, cy))
         scale = 1.0
         for _ in range(8):
             self.tumours = []
@@ -351,7 +354,7 @@ class _Geometry:
                 a = math.sqrt(max(w * target * area_px, 1.0) / (math.pi * asp)) * scale
                 blob = _Blob(float(cx[c]), float(cy[r]), a, a * asp, rot, harm)
                 self.tumours.append((blob, blob.box(_BLOB_WINDOW)))
-            field_ = self.tumour(cx, cy, tissue_field)
+            field_ = self.tumour(cx, cy, tissue_field, noise)
             frac = float(((field_ > 0) & tissue).sum()) / max(tissue_nodes, 1)
             if 0.10 <= frac <= 0.30 and abs(frac - target) < 0.05:
                 break
