@@ -456,9 +456,8 @@ _ONE = 1 << _SH
 _K = 14  # vertices of a tumour nucleus outline
 # columns of a block's candidate arrays
 _S_COLS = ("x", "y", "keep", "lymph", "a_l", "a_f", "b_l", "b_f", "angle", "shade")
-_T_COLS = ("x", "y", "r", "g", "b", "nucleolus", "nuc_x", "nuc_y", "rad")
+_T_COLS = ("x", "y", "r", "g", "b", "nucleolus", "nuc_x", "nuc_y", "rad")  # nuc_*, rad: fixed point
 _S = {k: i for i, k in enumerate(_S_COLS)}
-_T = {k: i for i, k in enumerate(_T_COLS)}
 
 
 @dataclass
