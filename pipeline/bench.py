@@ -240,10 +240,19 @@ def main(argv: list[str] | None = None) -> int:
         res = bench_extract(a.slide, a.model, a.target_mpp, a.size, a.batch_size, a.device, a.workers,
                             a.max_patches, compare_model=not a.no_compare_model, repeats=a.repeats)
     else:
+        import resource
+
         from .synthetic import make_slide
 
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        t0 = time.perf_counter()
         res = make_slide(a.out, width=a.width, height=a.height, mpp=a.mpp, seed=a.seed, positive=True)
-        res = {"mode": "slide", **{k: v for k, v in res.items() if isinstance(v, (str, int, float))}}
+        dt = time.perf_counter() - t0
+        res = {"mode": "slide", **{k: v for k, v in res.items() if isinstance(v, (str, int, float))},
+               "seconds": round(dt, 1), "file_mb": round(os.path.getsize(a.out) / 2**20, 1),
+               # peak resident memory of this process, and before generating (libraries, torch included)
+               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               "rss_before_mb": round(rss0, 1), "cpus": os.cpu_count()}
     print(json.dumps(res, default=str))
     return 0
 

@@ -26,3 +26,11 @@ def test_bench_modes_report_json(tmp_path, capsys):
     e = _run(capsys, ["extract", "--slide", slide, slide, "--model", "test_resnet", "--target-mpp", "2.0",
                       "--size", "64", "--batch-size", "8", "--device", "cpu", "--workers", "1"])
     assert e["mode"] == "extract" and e["patches"] > 0 and e["ratio_vs_model"] > 0
+
+
+def test_bench_slide_reports_time_and_memory(tmp_path, capsys):
+    out = tmp_path / "b.svs"
+    r = _run(capsys, ["slide", str(out), "--width", "768", "--height", "512", "--mpp", "0.25", "--seed", "3"])
+    assert r["mode"] == "slide" and r["flavour"] == "svs" and r["width"] == 768 and r["mpp"] == 0.25
+    assert out.exists() and r["file_mb"] > 0 and r["seconds"] >= 0
+    assert r["peak_rss_mb"] >= r["rss_before_mb"] > 0
