@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -20,6 +21,79 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import STAGE_VERSIONS, __version__
+
+
+#: errno values that mean "the disk (or the user's quota) is full".
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """Writing failed because the disk holding ``path`` is full; the message names the disk (mount point,
+    free and total space), the file and, when known, the slide. Not a problem of the slide: the job fails
+    (nothing is recorded as done) and a rerun after freeing space completes it."""
+
+    #: a rerun can succeed without changing the input (stage entry points must not write "failed" outputs)
+    retryable = True
+
+    def __init__(self, path: str | os.PathLike, cause: OSError | None = None, slide_id: str | None = None):
+        self.path, self.slide_id = str(path), slide_id
+        self.mount = mount_point(path)
+        try:
+            du = shutil.disk_usage(self.mount)
+            space = f"{_size(du.free)} free of {_size(du.total)}"
+        except OSError:
+            space = "free space unknown"
+        what = f"slide {slide_id}: " if slide_id else ""
+        why = (cause.strerror if cause is not None and cause.strerror else "No space left on device")
+        super().__init__(cause.errno if cause is not None else errno.ENOSPC,
+                         f"{what}disk full while writing {self.path} ({why}; the disk mounted at {self.mount} "
+                         f"has {space}): free space there and rerun; finished outputs are kept and this one is "
+                         "redone")
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is an ENOSPC/EDQUOT ``OSError``."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, DiskFullError) or (isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def mount_point(path: str | os.PathLike) -> str:
+    """The mount point of the filesystem holding ``path`` (or of its nearest existing parent)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return str(p)
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: str | os.PathLike, slide_id: str | None = None) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT raised inside the block into a :class:`DiskFullError` naming ``path``'s disk."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zarr/numcodecs may wrap the OSError
+        if is_disk_full(exc):
+            raise DiskFullError(path, exc if isinstance(exc, OSError) else None, slide_id) from exc
+        raise
 
 
 def _tmp_sibling(path: Path, is_dir: bool = False) -> Path:
@@ -39,14 +113,17 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
     For directories an existing target is replaced only after the new one is complete.
     """
     path = Path(path)
-    tmp = _tmp_sibling(path, is_dir=is_dir)
+    with disk_full_as_error(path):
+        tmp = _tmp_sibling(path, is_dir=is_dir)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if not isinstance(exc, DiskFullError) and is_disk_full(exc):
+            raise DiskFullError(path, exc if isinstance(exc, OSError) else None) from exc
         raise
     replace_into(tmp, path)
 
@@ -144,9 +221,41 @@ def content_fingerprint(path: str | os.PathLike, block: int = 1 << 20, samples: 
     return h.hexdigest()
 
 
+def slide_fingerprint(path: str | os.PathLike) -> str:
+    """:func:`content_fingerprint` of a slide made of one file, or of every file of a multi-file slide
+    (DICOM series folder or file, MIRAX with its companion folder, VMS/VMU with the files it names)."""
+    from .slide import slide_files
+
+    files = slide_files(path)
+    if len(files) == 1 and Path(files[0]) == Path(path):
+        return content_fingerprint(path)
+    h = hashlib.sha256(b"multi-file slide")
+    base = Path(path) if Path(path).is_dir() else Path(path).parent
+    for f in files:
+        try:
+            name = str(Path(f).relative_to(base))
+        except ValueError:
+            name = Path(f).name
+        h.update(name.encode() + b"\0" + content_fingerprint(f).encode())
+    return h.hexdigest()
+
+
+def _stamp(path: Path) -> list:
+    from .slide import slide_files
+
+    files = slide_files(path) if (path.is_dir() or path.suffix.lower() in (".dcm", ".mrxs", ".vms", ".vmu")) \
+        else [path]
+    out = []
+    for f in files:
+        st = os.stat(f)
+        out += [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return out
+
+
 def fingerprints(paths: dict[str, Path], cache_file: str | os.PathLike | None = None) -> dict[str, str]:
-    """``content_fingerprint`` of many files, cached by (size, mtime, ctime, inode): a file is re-read only
-    when one of these changed (any rewrite changes ctime, which users cannot set)."""
+    """:func:`slide_fingerprint` of many slides (or other files), cached by (size, mtime, ctime, inode) of
+    each of their files: a slide is re-read only when one of these changed (any rewrite changes ctime,
+    which users cannot set)."""
     cache: dict[str, Any] = {}
     if cache_file and Path(cache_file).is_file():
         try:
@@ -156,17 +265,16 @@ def fingerprints(paths: dict[str, Path], cache_file: str | os.PathLike | None = 
     out, changed = {}, False
     for key, path in paths.items():
         try:
-            st = os.stat(path)
+            stamp = _stamp(Path(path))
         except OSError:
             out[key] = "missing"
             continue
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         hit = cache.get(str(path))
         if hit and hit.get("stat") == stamp:
             out[key] = hit["sha256"]
             continue
         try:
-            out[key] = content_fingerprint(path)
+            out[key] = slide_fingerprint(path)
         except OSError as exc:
             out[key] = f"unreadable: {exc.strerror or exc}"
             continue
@@ -176,5 +284,5 @@ def fingerprints(paths: dict[str, Path], cache_file: str | os.PathLike | None = 
         try:
             write_json_atomic(cache_file, cache)
         except OSError:
-            pass  # read-only results folder: fingerprints are recomputed next time
+            pass  # read-only or full results folder: fingerprints are recomputed next time
     return out

@@ -27,7 +27,7 @@ import torch
 
 from .. import __version__
 from ..provenance import provenance, sha256_file
-from ..slide import Slide, SlideError, open_slide
+from ..slide import Slide, SlideChangedError, SlideError, open_slide, slide_stamp
 from ..store import SCHEMA_VERSION, BagWriter, model_tag
 from .encoders import Encoder, create_encoder
 
@@ -228,6 +228,7 @@ class _SlideRun:
         self.bs = int(p["batch_size"])
         chunk_rows = self.bs * max(1, math.ceil(int(p["chunk_rows"]) / self.bs))
         self.fp = fingerprint(slide.path, grid_path, p, encoder.weights)
+        self.stamp = slide_stamp(slide.path)  # compared before finalize: no bag from a slide replaced mid-read
         self.writer = BagWriter(out_path, self.n, encoder.embed_dim, fingerprint=self.fp, chunk_rows=chunk_rows)
         self.start = self.writer.rows_done  # a chunk boundary, hence a run boundary
         if self.start:
@@ -289,6 +290,11 @@ class _SlideRun:
                                      resumed_from=self.start, seconds=round(time.monotonic() - self.t0, 3),
                                      fingerprint=self.fp),
         }
+        if slide_stamp(slide.path) != self.stamp:
+            self.writer.discard()
+            raise SlideChangedError(slide.path, "the slide file changed on disk while its features were being "
+                                                "extracted (replaced or rewritten): the partial bag was discarded; "
+                                                "rerun to extract the new file")
         self.writer.finalize(attrs)
         return attrs
 
