@@ -44,7 +44,9 @@ class DiskFullError(OSError):
         except OSError:
             space = "free space unknown"
         what = f"slide {slide_id}: " if slide_id else ""
-        why = (cause.strerror if cause is not None and cause.strerror else "No space left on device")
+        why = getattr(cause, "cause_text", None) or (cause.strerror if cause is not None and cause.strerror
+                                                     else "No space left on device")
+        self.cause_text = why
         super().__init__(cause.errno if cause is not None else errno.ENOSPC,
                          f"{what}disk full while writing {self.path} ({why}; the disk mounted at {self.mount} "
                          f"has {space}): free space there and rerun; finished outputs are kept and this one is "
@@ -88,7 +90,9 @@ def disk_full_as_error(path: str | os.PathLike, slide_id: str | None = None) -> 
     """Turn ENOSPC/EDQUOT raised inside the block into a :class:`DiskFullError` naming ``path``'s disk."""
     try:
         yield
-    except DiskFullError:
+    except DiskFullError as exc:
+        if slide_id and not exc.slide_id:
+            raise DiskFullError(exc.path, exc, slide_id) from exc
         raise
     except Exception as exc:  # noqa: BLE001 - zarr/numcodecs may wrap the OSError
         if is_disk_full(exc):
