@@ -236,3 +236,16 @@ def __getattr__(name: str) -> Any:
 
         return getattr(cohort, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.store import|export``: CLAM / TRIDENT / STAMP ``.h5`` <-> bags (:mod:`pipeline.h5io`)."""
+    from .h5io import main as h5_main
+
+    return h5_main(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

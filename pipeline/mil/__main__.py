@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE",
                    help="any other model hyper-parameter, e.g. k_sample=8 (repeatable; see `models`)")
     t.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    t.add_argument("--allow-unknown-encoder", action="store_true",
+                   help="mix imported bags whose encoder (or resolution) is unknown with other bags")
 
     r = sub.add_parser("predict", help="predict bags with the fold models of a training run")
     r.add_argument("--model-dir", required=True, metavar="DIR", help="a finished `train --out` folder")
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                   val_fraction=args.val_fraction, model_kwargs=kw, device=args.device, task=args.task,
                   batch_size=args.batch_size, balance=args.balance, max_instances=args.max_instances,
                   standardize=args.standardize, aem_lambda=args.aem_lambda, survival_loss=args.survival_loss,
-                  n_bins=args.n_bins, regression_loss=args.regression_loss)
+                  n_bins=args.n_bins, regression_loss=args.regression_loss,
+                  allow_unknown_encoder=args.allow_unknown_encoder)
         elif args.cmd == "predict":
             from .predict import predict
 
