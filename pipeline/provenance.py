@@ -245,10 +245,19 @@ def slide_fingerprint(path: str | os.PathLike) -> str:
 
 
 def _stamp(path: Path) -> list:
-    from .slide import slide_files
+    """Cheap change stamp of a slide (stat only, no file content or DICOM header is read): of the file,
+    or of every file of a DICOM folder / every ``.dcm`` beside a ``.dcm`` file / a MIRAX or VMS slide's files."""
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        files = sorted(c for c in path.iterdir() if c.is_file())
+    elif suffix == ".dcm":
+        files = sorted(c for c in path.parent.iterdir() if c.is_file() and c.suffix.lower() == ".dcm")
+    elif suffix in (".mrxs", ".vms", ".vmu"):
+        from .slide import slide_files
 
-    files = slide_files(path) if (path.is_dir() or path.suffix.lower() in (".dcm", ".mrxs", ".vms", ".vmu")) \
-        else [path]
+        files = slide_files(path)
+    else:
+        files = [path]
     out = []
     for f in files:
         st = os.stat(f)

@@ -283,3 +283,25 @@ def test_scan_folder_groups_by_series(synthetic_levels, tmp_path):
     s = scan.series[0]
     assert s.main == files[0] and [h.path for h in s.levels] == files[:2]
     assert [h.associated for h in s.associated] == ["label"]
+
+
+def test_fingerprints_of_multi_file_slides(synthetic_levels, tmp_path):
+    """A DICOM folder or a MIRAX slide is fingerprinted by all of its files: changing any one of them
+    (even a data file in the companion folder) changes it; nothing changed: a cache hit, same value."""
+    from pipeline.provenance import fingerprints
+
+    l0, l1, _ = synthetic_levels
+    _dicom_slide(tmp_path / "d", (l1,), label=False)
+    mrxs = tmp_path / "m.mrxs"
+    mrxs.write_text("[GENERAL]\n")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "Slidedat.ini").write_text("[GENERAL]\n")
+    (tmp_path / "m" / "Data0000.dat").write_bytes(b"a" * 1000)
+    cache = tmp_path / "fp.json"
+    slides = {"d": tmp_path / "d", "m": mrxs}
+    first = fingerprints(slides, cache)
+    assert all(len(v) == 64 for v in first.values()) and fingerprints(slides, cache) == first
+    (tmp_path / "m" / "Data0000.dat").write_bytes(b"b" * 1000)
+    _dicom_slide(tmp_path / "d", (255 - l1,), label=False)  # same file names, other pixels
+    second = fingerprints(slides, cache)
+    assert second["d"] != first["d"] and second["m"] != first["m"]
