@@ -205,6 +205,7 @@ def _jobs(log: str) -> tuple[dict[str, tuple[str, str]], set[str]]:
     return started, set(re.findall(r"Finished jobid: (\d+)", log))
 
 
+@pytest.mark.slow
 def test_snakemake_killed_then_rerun(root, env_with_venv, tmp_path):
     """SIGKILL to snakemake and all its jobs while a feature job runs after another has finished: the
     rerun plans (dry run) exactly the slides whose feature job had not finished, keeps every finished
@@ -212,7 +213,7 @@ def test_snakemake_killed_then_rerun(root, env_with_venv, tmp_path):
     import yaml
 
     slides = tmp_path / "slides"
-    make_cohort(slides, n=3, width=1024, height=768, mpp=0.5, seed=4)
+    make_cohort(slides, n=2, width=1024, height=768, mpp=0.5, seed=4)
     all_slides = {p.stem for p in slides.glob("slide_*")}
     results = tmp_path / "results"
     shutil.copyfile(root / "config.yaml", tmp_path / "config.yaml")  # the Snakefile's defaults, from its workdir
