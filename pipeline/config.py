@@ -35,6 +35,8 @@ from .slide import READERS, SLIDE_EXTENSIONS
 #: Top-level keys of the workflow configuration.
 TOP_DEFAULTS: dict[str, Any] = {
     "slides_dir": "slides",
+    "slides_csv": None,
+    "slides_recursive": False,
     "labels_csv": None,
     "results_dir": "results",
     "reader": "auto",
@@ -92,6 +94,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "regression_loss": "mse",  # mse | mae
         "device": "auto",  # auto (CUDA when available) | cpu | cuda | cuda:N
         "threads": None,  # torch CPU threads; None: the job's threads
+        "allow_unknown_encoder": False,  # mix imported bags of unknown encoder with others
         # training recipe, per model overridable; None: the model paper's (pipeline/mil/*.py registrations)
         "epochs": None,
         "lr": None,
@@ -149,7 +152,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 DEFAULT_MIL_MODEL = "abmil"
 #: MIL settings every model of a run shares (the data, the folds, the losses, the machine).
 MIL_SHARED = ("task", "folds", "seed", "val_fraction", "survival_loss", "n_bins", "regression_loss", "device",
-              "threads")
+              "threads", "allow_unknown_encoder")
 #: MIL settings a model entry may override (its training recipe and data handling).
 MIL_PER_MODEL = ("epochs", "lr", "weight_decay", "optimizer", "betas", "schedule", "min_lr", "patience",
                  "min_epochs", "select", "batch_size", "balance", "max_instances", "standardize", "aem",
@@ -247,7 +250,7 @@ def _mil_training(where: str, p: dict[str, Any], keys: tuple[str, ...]) -> None:
         if key in ("task", "balance", "survival_loss", "regression_loss", "optimizer", "schedule", "select"):
             if v not in CHOICES[("mil", key)]:
                 raise ConfigError(f"{sec}.{key}: must be one of {', '.join(CHOICES[('mil', key)])}, not {v!r}")
-        elif key in ("standardize", "aem"):
+        elif key in ("standardize", "aem", "allow_unknown_encoder"):
             if not isinstance(v, bool):
                 raise ConfigError(f"{sec}.{key}: must be true or false, not {v!r}")
         elif key == "betas":
@@ -589,6 +592,8 @@ def load_workflow_config(cfg: dict[str, Any], schema: dict[str, Any] | None = No
         top["extensions"] = list(SLIDE_EXTENSIONS)
     for key in ("reader", "on_slide_error"):
         _choice("", key, top[key])
+    if not isinstance(top["slides_recursive"], bool):
+        raise ConfigError(f"slides_recursive must be true or false, not {top['slides_recursive']!r}")
     stages: dict[str, dict[str, Any]] = {}
     for section in STAGE_DEFAULTS:
         try:

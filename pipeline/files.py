@@ -9,6 +9,7 @@ only inside the PNG helpers), so the workflow can use it while planning.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -17,9 +18,87 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-__all__ = ["atomic_path", "replace_into", "write_json_atomic", "write_text_atomic", "write_bytes_atomic",
+__all__ = ["DiskFullError", "is_disk_full", "disk_full_as_error", "mount_point", "atomic_path", "replace_into", "write_json_atomic", "write_text_atomic", "write_bytes_atomic",
            "read_json", "read_json_or_none", "write_png", "encode_png", "safe_name", "sha256_file", "one_line",
            "feature_collection", "polygon_feature", "square_ring"]
+
+
+# -- full disks -------------------------------------------------------------------------------------
+#: errno values that mean "the disk (or the user's quota) is full".
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """Writing failed because the disk holding ``path`` is full; the message names the disk (mount point,
+    free and total space), the file and, when known, the slide. Not a problem of the slide: the job fails
+    (nothing is recorded as done) and a rerun after freeing space completes it."""
+
+    #: a rerun can succeed without changing the input (stage entry points must not write "failed" outputs)
+    retryable = True
+
+    def __init__(self, path: str | os.PathLike, cause: OSError | None = None, slide_id: str | None = None):
+        self.path, self.slide_id = str(path), slide_id
+        self.mount = mount_point(path)
+        try:
+            du = shutil.disk_usage(self.mount)
+            space = f"{_size(du.free)} free of {_size(du.total)}"
+        except OSError:
+            space = "free space unknown"
+        what = f"slide {slide_id}: " if slide_id else ""
+        why = getattr(cause, "cause_text", None) or (cause.strerror if cause is not None and cause.strerror
+                                                     else "No space left on device")
+        self.cause_text = why
+        super().__init__(cause.errno if cause is not None else errno.ENOSPC,
+                         f"{what}disk full while writing {self.path} ({why}; the disk mounted at {self.mount} "
+                         f"has {space}): free space there and rerun; finished outputs are kept and this one is "
+                         "redone")
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is an ENOSPC/EDQUOT ``OSError``."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, DiskFullError) or (isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def mount_point(path: str | os.PathLike) -> str:
+    """The mount point of the filesystem holding ``path`` (or of its nearest existing parent)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return str(p)
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: str | os.PathLike, slide_id: str | None = None) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT raised inside the block into a :class:`DiskFullError` naming ``path``'s disk."""
+    try:
+        yield
+    except DiskFullError as exc:
+        if slide_id and not exc.slide_id:
+            raise DiskFullError(exc.path, exc, slide_id) from exc
+        raise
+    except Exception as exc:  # noqa: BLE001 - zarr/numcodecs may wrap the OSError
+        if is_disk_full(exc):
+            raise DiskFullError(path, exc if isinstance(exc, OSError) else None, slide_id) from exc
+        raise
 
 
 # -- atomic writes ----------------------------------------------------------------------------------
@@ -40,14 +119,17 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
     For directories an existing target is replaced only after the new one is complete.
     """
     path = Path(path)
-    tmp = _tmp_sibling(path, is_dir=is_dir)
+    with disk_full_as_error(path):
+        tmp = _tmp_sibling(path, is_dir=is_dir)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if not isinstance(exc, DiskFullError) and is_disk_full(exc):
+            raise DiskFullError(path, exc if isinstance(exc, OSError) else None) from exc
         raise
     replace_into(tmp, path)
 

@@ -125,6 +125,10 @@ class Layout:
     def run_lock(self) -> str:
         return self._p(".wsipipe.lock")
 
+    def cohort_json(self) -> str:
+        """The cohort check written when a run starts: labels vs slides, files left out (for the report)."""
+        return self._p("cohort.json")
+
     def cohort_file(self, name: str) -> str:
         """Lists the workflow writes for rules that take many inputs (one path per line)."""
         return self._p(".cohort", name)

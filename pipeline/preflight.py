@@ -17,7 +17,6 @@ whole path with ``python -m pipeline.bench extract`` on one slide when in doubt.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys

@@ -69,9 +69,50 @@ def content_fingerprint(path: str | os.PathLike, block: int = 1 << 20, samples: 
     return h.hexdigest()
 
 
+def slide_fingerprint(path: str | os.PathLike) -> str:
+    """:func:`content_fingerprint` of a slide made of one file, or of every file of a multi-file slide
+    (DICOM series folder or file, MIRAX with its companion folder, VMS/VMU with the files it names)."""
+    from .slide import slide_files
+
+    files = slide_files(path)
+    if len(files) == 1 and Path(files[0]) == Path(path):
+        return content_fingerprint(path)
+    h = hashlib.sha256(b"multi-file slide")
+    base = Path(path) if Path(path).is_dir() else Path(path).parent
+    for f in files:
+        try:
+            name = str(Path(f).relative_to(base))
+        except ValueError:
+            name = Path(f).name
+        h.update(name.encode() + b"\0" + content_fingerprint(f).encode())
+    return h.hexdigest()
+
+
+def _stamp(path: Path) -> list:
+    """Cheap change stamp of a slide (stat only, no file content or DICOM header is read): of the file,
+    or of every file of a DICOM folder / every ``.dcm`` beside a ``.dcm`` file / a MIRAX or VMS slide's files."""
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        files = sorted(c for c in path.iterdir() if c.is_file())
+    elif suffix == ".dcm":
+        files = sorted(c for c in path.parent.iterdir() if c.is_file() and c.suffix.lower() == ".dcm")
+    elif suffix in (".mrxs", ".vms", ".vmu"):
+        from .slide import slide_files
+
+        files = slide_files(path)
+    else:
+        files = [path]
+    out = []
+    for f in files:
+        st = os.stat(f)
+        out += [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return out
+
+
 def fingerprints(paths: dict[str, Path], cache_file: str | os.PathLike | None = None) -> dict[str, str]:
-    """``content_fingerprint`` of many files, cached by (size, mtime, ctime, inode): a file is re-read only
-    when one of these changed (any rewrite changes ctime, which users cannot set)."""
+    """:func:`slide_fingerprint` of many slides (or other files), cached by (size, mtime, ctime, inode) of
+    each of their files: a slide is re-read only when one of these changed (any rewrite changes ctime,
+    which users cannot set)."""
     cache: dict[str, Any] = {}
     if cache_file and Path(cache_file).is_file():
         try:
@@ -81,17 +122,16 @@ def fingerprints(paths: dict[str, Path], cache_file: str | os.PathLike | None = 
     out, changed = {}, False
     for key, path in paths.items():
         try:
-            st = os.stat(path)
+            stamp = _stamp(Path(path))
         except OSError:
             out[key] = "missing"
             continue
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         hit = cache.get(str(path))
         if hit and hit.get("stat") == stamp:
             out[key] = hit["sha256"]
             continue
         try:
-            out[key] = content_fingerprint(path)
+            out[key] = slide_fingerprint(path)
         except OSError as exc:
             out[key] = f"unreadable: {exc.strerror or exc}"
             continue
@@ -101,5 +141,5 @@ def fingerprints(paths: dict[str, Path], cache_file: str | os.PathLike | None = 
         try:
             write_json_atomic(cache_file, cache)
         except OSError:
-            pass  # read-only results folder: fingerprints are recomputed next time
+            pass  # read-only or full results folder: fingerprints are recomputed next time
     return out

@@ -43,9 +43,25 @@ class SlideError(RuntimeError):
         super().__init__(f"{self.path}: {reason}")
 
 
+class SlideChangedError(SlideError):
+    """The slide's file(s) changed on disk while the slide was being read: results made from it would mix
+    two contents, so nothing is finalised. Not a fault of the slide: a rerun reads the new file."""
+
+    retryable = True
+
+
 def slide_id_from_path(path: str | os.PathLike) -> str:
-    """Slide id = file name without its extension (NFC-normalised so ids compare equal across OSes)."""
-    name = Path(path).name
+    """Slide id (NFC-normalised so ids compare equal across OSes): the file name without its extension;
+    for a DICOM WSI, the folder name when ``path`` is the series' folder, and for a single ``.dcm`` file
+    its series' own id (see :mod:`pipeline.dicom`)."""
+    p = Path(path)
+    if p.is_dir():
+        return unicodedata.normalize("NFC", p.name)
+    name = p.name
+    if name.lower().endswith(".dcm") and p.is_file():
+        from .dicom import slide_id_for_file
+
+        return slide_id_for_file(p)
     for ext in sorted(SLIDE_EXTENSIONS, key=len, reverse=True):
         if name.lower().endswith(ext):
             name = name[: -len(ext)]
@@ -268,9 +284,95 @@ class Slide:
         }
 
 
-def _open_handle(path: Path, reader: str) -> tuple[Any, str]:
+def companion_problem(path: str | os.PathLike) -> str | None:
+    """Why a multi-file slide cannot be opened (its companion folder or files are missing), or None.
+
+    MIRAX: ``NAME.mrxs`` needs the folder ``NAME/`` beside it with ``Slidedat.ini`` (and its data files).
+    Hamamatsu VMS/VMU: the ``.vms``/``.vmu`` index names its image, map and optimisation files, which must
+    lie beside it."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix == ".mrxs":
+        data = p.with_suffix("")
+        if not data.is_dir():
+            return (f"MIRAX companion folder {data} is missing (a .mrxs file is only the index: copy the "
+                    f"folder '{data.name}' with Slidedat.ini and the Data*.dat files next to it)")
+        if not (data / "Slidedat.ini").is_file():
+            return f"MIRAX companion folder {data} has no Slidedat.ini (incomplete copy?)"
+        return None
+    if suffix in (".vms", ".vmu"):
+        missing = [str(f) for f in vms_companions(p) if not f.is_file()]
+        if missing:
+            return (f"Hamamatsu {suffix[1:].upper()} file(s) named in {p.name} are missing: "
+                    + ", ".join(missing[:5]) + (f" ... ({len(missing) - 5} more)" if len(missing) > 5 else ""))
+    return None
+
+
+def vms_companions(path: str | os.PathLike) -> list[Path]:
+    """Files a Hamamatsu ``.vms``/``.vmu`` index refers to (ImageFile*, MapFile, OptimisationFile), which
+    lie in the same folder."""
+    p = Path(path)
+    out: list[Path] = []
+    try:
+        text = p.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        key = key.strip().lower()
+        if sep and value.strip() and (key.startswith("imagefile") or key in ("mapfile", "optimisationfile")):
+            out.append(p.parent / value.strip())
+    return out
+
+
+def slide_files(path: str | os.PathLike) -> list[Path]:
+    """Every file a slide is made of (for content fingerprints and change detection): the file itself;
+    all files of a DICOM series (the folder, or the series of a ``.dcm`` file); a ``.mrxs`` and the files
+    of its companion folder; a ``.vms``/``.vmu`` and the files it names."""
+    p = Path(path)
+    if p.is_dir():
+        from .dicom import scan_folder
+
+        scan = scan_folder(p)
+        files = [f for s in scan.series for f in s.files]
+        return sorted(files) or sorted(c for c in p.iterdir() if c.is_file())
+    suffix = p.suffix.lower()
+    if suffix == ".dcm":
+        from .dicom import scan_folder
+
+        series = scan_folder(p.parent).series_of(p)
+        return series.files if series is not None else [p]
+    if suffix == ".mrxs":
+        data = p.with_suffix("")
+        extra = sorted(c for c in data.iterdir() if c.is_file()) if data.is_dir() else []
+        return [p, *extra]
+    if suffix in (".vms", ".vmu"):
+        return [p, *[f for f in vms_companions(p) if f.is_file()]]
+    return [p]
+
+
+def slide_stamp(path: str | os.PathLike) -> list[list[Any]]:
+    """(name, size, mtime_ns, ctime_ns, inode) of every file of a slide: any replacement or rewrite of one
+    of them changes it (ctime changes on every write and cannot be set by users)."""
+    out = []
+    for f in slide_files(path):
+        try:
+            st = f.stat()
+        except OSError:
+            out.append([str(f), None, None, None, None])
+            continue
+        out.append([str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+    return out
+
+
+def _open_handle(path: Path, reader: str, dicom: bool = False) -> tuple[Any, str]:
     errors = []
     order = ["openslide", "tiffslide"] if reader == "auto" else [reader]
+    if dicom:
+        if reader == "tiffslide":
+            raise SlideError(path, "tiffslide does not read DICOM whole-slide images: use reader 'auto' or "
+                                   "'openslide' (OpenSlide 4 reads DICOM)")
+        order = ["openslide"]
     for name in order:
         try:
             if name == "openslide":
@@ -282,24 +384,38 @@ def _open_handle(path: Path, reader: str) -> tuple[Any, str]:
             return tiffslide.TiffSlide(str(path)), name
         except Exception as exc:  # noqa: BLE001 - collect every reader's reason
             errors.append(f"{name}: {type(exc).__name__}: {str(exc) or 'unsupported or corrupt file'}")
+    if dicom:
+        errors.append("tiffslide: not tried (it does not read DICOM)")
     raise SlideError(path, "cannot open slide (" + "; ".join(errors) + ")")
 
 
 def open_slide(path: str | os.PathLike, reader: str = "auto", mpp: float | None = None,
-               default_mpp: float | None = None) -> Slide:
+               default_mpp: float | None = None, slide_id: str | None = None) -> Slide:
     """Open a slide and resolve its level-0 µm/px (see module docstring for the order).
 
-    ``mpp``: a per-slide value from the manifest (highest priority). ``default_mpp``: the config
-    fallback, used only when the slide has no usable metadata.
+    ``path``: a slide file, or the folder of a DICOM WSI series (any file of a series opens the whole
+    series). ``mpp``: a per-slide value from the manifest (highest priority). ``default_mpp``: the config
+    fallback, used only when the slide has no usable metadata. ``slide_id``: the id the cohort gave this
+    slide (default: derived from the path, :func:`slide_id_from_path`).
     """
     path = Path(path)
     if reader not in READERS:
         raise ValueError(f"reader must be one of {READERS}, not {reader!r}")
     if not path.exists():
         raise SlideError(path, "file does not exist")
-    if path.is_file() and path.stat().st_size == 0:
+    target, dicom = path, path.suffix.lower() == ".dcm"
+    if path.is_dir():
+        from .dicom import is_dicom_path, series_main_file
+
+        if not is_dicom_path(path):
+            raise SlideError(path, "is a folder, not a slide file (only a DICOM series may be given as a folder)")
+        target, dicom = series_main_file(path), True
+    elif path.stat().st_size == 0:
         raise SlideError(path, "file is empty (0 bytes)")
-    handle, used = _open_handle(path, reader)
+    problem = companion_problem(path)
+    if problem:
+        raise SlideError(path, problem)
+    handle, used = _open_handle(target, reader, dicom=dicom)
     try:
         if mpp is not None:
             if not _plausible(_float(mpp)):
@@ -320,31 +436,220 @@ def open_slide(path: str | os.PathLike, reader: str = "auto", mpp: float | None 
     except BaseException:
         handle.close()
         raise
-    return Slide(path=path, reader=used, mpp=value, mpp_source=source, _handle=handle)
+    return Slide(path=path, reader=used, mpp=value, mpp_source=source, _handle=handle, slide_id=slide_id or "")
+
+
+class Cohort(dict):
+    """Slide id -> path (what the workflow iterates over), plus what discovery left out and why.
+
+    ``missing``: id -> path of slide-list rows whose file does not exist (left out, reported);
+    ``rows``: id -> the slide-list CSV row (``patient_id``, ``label``, ``mpp``, ... when given);
+    ``notes``: files that look like slides but are not (associated DICOM images, companion folders,
+    non-WSI DICOM), one line each."""
+
+    def __init__(self, *args: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        self.missing: dict[str, Path] = {}
+        self.rows: dict[str, dict[str, str]] = {}
+        self.notes: list[str] = []
+
+
+def _check_id(sid: str, path: Path) -> None:
+    bad = sorted(set(sid) & set(UNSUPPORTED_ID_CHARS))
+    if bad:
+        raise SlideError(path, f"slide id {sid!r} contains {' '.join(bad)}, which workflow paths cannot hold "
+                               "(rename the file; spaces and non-ASCII letters are fine)")
+    if not sid or sid in (".", "..") or "/" in sid:
+        raise SlideError(path, f"slide id {sid!r} cannot name a file")
+
+
+def _add(found: Cohort, sid: str, path: Path) -> None:
+    sid = unicodedata.normalize("NFC", sid)
+    _check_id(sid, path)
+    if sid in found:
+        raise SlideError(path, f"duplicate slide id {sid!r}: also {found[sid]} (rename one of them"
+                               + (", or give ids in a slides_csv" if path.suffix.lower() != ".dcm" else "")
+                               + ")")
+    found[sid] = path
+
+
+def _scan_tree(root: Path, exts: tuple[str, ...], recursive: bool, found: Cohort) -> None:
+    dicom = ".dcm" in exts
+    dirs_to_visit = [root]
+    while dirs_to_visit:
+        d = dirs_to_visit.pop(0)
+        try:
+            entries = sorted(d.iterdir())
+        except OSError as exc:
+            raise SlideError(d, f"cannot list folder ({exc.strerror or exc})") from exc
+        files = [e for e in entries if not e.name.startswith(".") and e.is_file()]
+        subdirs = [e for e in entries if not e.name.startswith(".") and e.is_dir()]
+        companions = {f.with_suffix("").name for f in files if f.suffix.lower() == ".mrxs"}
+        for c in sorted(companions):
+            if (d / c).is_dir():
+                found.notes.append(f"{d / c}: MIRAX companion folder of {c}.mrxs (not a slide)")
+        dcm = [f for f in files if f.suffix.lower() == ".dcm"]
+        for f in files:
+            if f.suffix.lower() == ".dcm" or not f.name.lower().endswith(exts):
+                continue
+            if d != root and not recursive:  # a DICOM slide folder found without recursion: its series only
+                continue
+            if f.suffix.lower() == ".mrxs" and not (f.with_suffix("")).is_dir():
+                found.notes.append(f"{f}: MIRAX companion folder {f.with_suffix('')} is missing "
+                                   "(this slide will fail to open)")
+            _add(found, slide_id_from_path(f), f)
+        if dicom and dcm:
+            _add_dicom(d, dcm, d != root, found)
+        for sub in subdirs:
+            if sub.name in companions:
+                continue
+            if recursive:
+                dirs_to_visit.append(sub)
+            elif d == root and dicom and any(c.suffix.lower() == ".dcm" and c.is_file() for c in sub.iterdir()):
+                # DICOM slides usually come one folder per slide, even in a flat cohort
+                dirs_to_visit.append(sub)
+
+
+def _add_dicom(folder: Path, files: list[Path], folder_is_slide: bool, found: Cohort) -> None:
+    from .dicom import scan_folder
+
+    scan = scan_folder(folder, files)
+    for path, why in scan.skipped:
+        found.notes.append(f"{path}: {why} (not a slide)")
+    for s in scan.series:
+        for h in s.associated:
+            found.notes.append(f"{h.path}: {h.associated} image of DICOM series {s.uid} (not a slide)")
+    if folder_is_slide and len(scan.series) == 1:
+        _add(found, folder.name, folder)
+    else:
+        for sid, s in scan.series_ids().items():
+            _add(found, sid, s.main)
+    for path, why in scan.unreadable:  # handed on: the slide's first stage reports it clearly
+        found.notes.append(f"{why}")
+        _add(found, slide_id_from_path(path), path)
+
+
+def read_slide_list(csv_path: str | os.PathLike) -> Cohort:
+    """A slide-list CSV: ``slide_id,path[,patient_id,label,mpp,...]`` (``path`` relative to the CSV's
+    folder or absolute; an empty or absent ``slide_id`` is derived from the path). Rows whose path does
+    not exist are left out and kept in ``.missing``; two rows with one id are refused, naming both."""
+    import csv
+
+    p = Path(csv_path)
+    if not p.is_file():
+        raise SlideError(p, "slides_csv does not exist")
+    found = Cohort()
+    first_line: dict[str, int] = {}
+    with open(p, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        if "path" not in cols:
+            raise SlideError(p, f"slides CSV has no 'path' column (columns: {reader.fieldnames}); expected "
+                                "slide_id,path[,patient_id,label,mpp,...]")
+        for i, raw in enumerate(reader, start=2):
+            row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+            if not row.get("path"):
+                raise SlideError(p, f"line {i}: empty path")
+            path = Path(row["path"]).expanduser()
+            if not path.is_absolute():
+                path = p.parent / path
+            sid = unicodedata.normalize("NFC", row.get("slide_id") or "")
+            if not sid:
+                sid = slide_id_from_path(path) if path.exists() else slide_id_from_path(Path(path.name))
+            if sid in first_line:
+                other = found.get(sid) or found.missing.get(sid)
+                raise SlideError(p, f"line {i}: duplicate slide id {sid!r} ({path}); also line "
+                                    f"{first_line[sid]} ({other})")
+            _check_id(sid, path)
+            first_line[sid] = i
+            row["slide_id"] = sid
+            found.rows[sid] = row
+            if path.exists():
+                found[sid] = path
+            else:
+                found.missing[sid] = path
+    return found
+
+
+def discover_cohort(slides_dir: str | os.PathLike | None = None, slides_csv: str | os.PathLike | None = None,
+                    recursive: bool = False, extensions: tuple[str, ...] = SLIDE_EXTENSIONS) -> Cohort:
+    """The cohort's slides: id -> path, from a folder or from a slide-list CSV (exactly one of them).
+
+    Folder (``slides_dir``): every file with a slide extension directly in it (``recursive``: anywhere
+    below it, e.g. TCGA's ``project/uuid/file.svs``); the slide id is the file name without extension.
+    DICOM: the ``.dcm`` files are grouped by series (headers only); a folder holding one series is one
+    slide named after the folder (a DICOM slide folder directly below ``slides_dir`` is found without
+    ``recursive``); several series in one folder are one slide each (ids from the series, see
+    :mod:`pipeline.dicom`); label, overview and thumbnail images are never slides. MIRAX companion
+    folders are not searched. Ids are NFC-normalised; two slides with one id are refused, naming both
+    paths. What was left out is listed in ``Cohort.notes``."""
+    if (slides_dir is None) == (slides_csv is None):
+        raise ValueError("give either slides_dir or slides_csv (not both, not neither)")
+    if slides_csv is not None:
+        return read_slide_list(slides_csv)
+    root = Path(slides_dir)
+    if not root.is_dir():
+        raise SlideError(root, "slides_dir is not a folder")
+    found = Cohort()
+    _scan_tree(root, tuple(e.lower() for e in extensions), recursive, found)
+    return found
 
 
 def discover_slides(slides_dir: str | os.PathLike, extensions: tuple[str, ...] = SLIDE_EXTENSIONS,
                     recursive: bool = False) -> dict[str, Path]:
-    """Slide id -> path for every slide file in a folder. Two files with the same id are refused up
-    front, naming both paths. MIRAX (.mrxs) companion folders are not descended into."""
-    root = Path(slides_dir)
-    if not root.is_dir():
-        raise SlideError(root, "slides_dir is not a folder")
-    exts = tuple(e.lower() for e in extensions)
-    found: dict[str, Path] = {}
-    paths = root.rglob("*") if recursive else root.iterdir()
-    for p in sorted(paths):
-        if p.name.startswith(".") or not p.is_file() or not p.name.lower().endswith(exts):
-            continue
-        sid = slide_id_from_path(p)
-        bad = sorted(set(sid) & set(UNSUPPORTED_ID_CHARS))
-        if bad:
-            raise SlideError(p, f"slide id {sid!r} contains {' '.join(bad)}, which workflow paths cannot hold "
-                                "(rename the file; spaces and non-ASCII letters are fine)")
-        if sid in found:
-            raise SlideError(p, f"duplicate slide id {sid!r}: also {found[sid]} (rename one of them)")
-        found[sid] = p
-    return found
+    """Slide id -> path for the slides of a folder (see :func:`discover_cohort`)."""
+    return discover_cohort(slides_dir=slides_dir, recursive=recursive, extensions=extensions)
+
+
+def reconcile(slides: dict[str, Path], manifest: dict[str, dict[str, str]] | None,
+              label_columns: tuple[str, ...] = ("label", "time", "event")) -> dict[str, Any]:
+    """What does not match between the cohort's slides and the labels/manifest rows (printed once at the
+    start of a run and shown in the report):
+
+    * ``rows_without_slide``: manifest rows whose slide is not in the cohort (plus slide-list rows whose
+      file does not exist, when ``slides`` is a :class:`Cohort` from a CSV);
+    * ``slides_without_label``: slides with no manifest row, or a row with no label value (only when a
+      manifest is given; such slides get features but no MIL).
+
+    Returns ``{"n_slides", "n_rows", "rows_without_slide": [...], "slides_without_label": [...],
+    "missing_files": {id: path}, "counts": {...}}`` (lists sorted)."""
+    manifest = manifest or {}
+    missing_files = {k: str(v) for k, v in sorted(getattr(slides, "missing", {}).items())}
+    rows_without = sorted(set(manifest) - set(slides))
+    without_label: list[str] = []
+    if manifest:
+        for sid in sorted(slides):
+            row = manifest.get(sid)
+            cols = [c for c in label_columns if row is not None and c in row]
+            if row is None or not cols or all(str(row.get(c) or "").strip() == "" for c in cols):
+                without_label.append(sid)
+    return {
+        "n_slides": len(slides), "n_rows": len(manifest),
+        "rows_without_slide": rows_without, "slides_without_label": without_label,
+        "missing_files": missing_files,
+        "counts": {"rows_without_slide": len(rows_without), "slides_without_label": len(without_label),
+                   "missing_files": len(missing_files)},
+    }
+
+
+def format_reconcile(rec: dict[str, Any], labels: str | None = None, limit: int = 10) -> list[str]:
+    """The lines to print once at the start of a run (empty when everything matches)."""
+    def names(items: list[str]) -> str:
+        return ", ".join(items[:limit]) + (f" ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+    lines = []
+    where = labels or "the labels CSV"
+    if rec["missing_files"]:
+        ids = list(rec["missing_files"])
+        lines.append(f"warning: {len(ids)} slide(s) in the slide list have no file: "
+                     + names([f"{i} ({rec['missing_files'][i]})" for i in ids]))
+    if rec["rows_without_slide"]:
+        lines.append(f"warning: {len(rec['rows_without_slide'])} row(s) of {where} have no slide: "
+                     + names(rec["rows_without_slide"]))
+    if rec["slides_without_label"]:
+        lines.append(f"note: {len(rec['slides_without_label'])} of {rec['n_slides']} slide(s) have no label in "
+                     f"{where} (features only, left out of MIL): " + names(rec["slides_without_label"]))
+    return lines
 
 
 def read_manifest(csv_path: str | os.PathLike | None) -> dict[str, dict[str, str]]:

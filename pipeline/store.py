@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .files import read_json_or_none, replace_into, write_json_atomic
+from .files import disk_full_as_error, read_json_or_none, replace_into, write_json_atomic
 
 SCHEMA_VERSION = 1
 REQUIRED_ATTRS = (
@@ -88,9 +88,16 @@ class BagWriter:
         if progress is not None and progress.get("fingerprint") == fingerprint \
                 and progress.get("n_patches") == self.n and progress.get("feature_dim") == self.d \
                 and progress.get("chunk_rows") == self.chunk_rows:
-            self.group = zarr.open_group(store=str(self.tmp), mode="r+")
-            self.rows_done = int(progress["rows_done"])
-        else:
+            try:
+                self.group = zarr.open_group(store=str(self.tmp), mode="r+")
+                ok = (tuple(self.group["features"].shape) == (self.n, self.d)
+                      and tuple(self.group["coords"].shape) == (self.n, 2))
+            except Exception:  # noqa: BLE001 - a damaged partial (e.g. disk full mid-write) is redone
+                ok = False
+            if ok:
+                self.rows_done = int(progress["rows_done"])
+                return
+        with self._disk():
             if self.tmp.exists():
                 shutil.rmtree(self.tmp)
             self.tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +108,11 @@ class BagWriter:
             self.group.create_array("coords", shape=(self.n, 2), chunks=(max(rows, 1), 2),
                                     dtype="int32", fill_value=0)
             self._write_progress()
+
+    def _disk(self):
+        """ENOSPC/EDQUOT while writing this bag -> DiskFullError naming the disk and the slide."""
+        return disk_full_as_error(self.tmp, slide_id=self.path.name[:-5] if self.path.name.endswith(".zarr")
+                                  else self.path.name)
 
     @property
     def resumed(self) -> bool:
@@ -126,12 +138,13 @@ class BagWriter:
             raise BagError(f"{self.path}: bad block shapes {features.shape} / {coords.shape}")
         if not np.isfinite(features).all():
             raise BagError(f"{self.path}: non-finite features in rows {start}..{start + k}")
-        self.group["features"][start:start + k] = features.astype(np.float16)
-        self.group["coords"][start:start + k] = coords.astype(np.int32)
-        self.rows_done += k
-        # Record progress only at chunk boundaries (or the end): those rows are fully on disk.
-        if self.rows_done % self.chunk_rows == 0 or self.rows_done == self.n:
-            self._write_progress()
+        with self._disk():
+            self.group["features"][start:start + k] = features.astype(np.float16)
+            self.group["coords"][start:start + k] = coords.astype(np.int32)
+            self.rows_done += k
+            # Record progress only at chunk boundaries (or the end): those rows are fully on disk.
+            if self.rows_done % self.chunk_rows == 0 or self.rows_done == self.n:
+                self._write_progress()
 
     def finalize(self, attrs: dict[str, Any]) -> Path:
         if self.rows_done != self.n:
@@ -141,10 +154,15 @@ class BagWriter:
         missing = [k for k in REQUIRED_ATTRS if k not in attrs]
         if missing:
             raise BagError(f"{self.path}: missing bag attributes {missing}")
-        self.group.attrs.update(json.loads(json.dumps(attrs, default=str)))
-        (self.tmp / "progress.json").unlink(missing_ok=True)
-        replace_into(self.tmp, self.path)
+        with self._disk():
+            self.group.attrs.update(json.loads(json.dumps(attrs, default=str)))
+            (self.tmp / "progress.json").unlink(missing_ok=True)
+            replace_into(self.tmp, self.path)
         return self.path
+
+    def discard(self) -> None:
+        """Remove the partial bag (its rows cannot be trusted, e.g. the slide changed while being read)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def write_bag(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray,
@@ -197,3 +215,16 @@ def list_bags(features_dir: str | os.PathLike) -> list[Path]:
 def iter_bags(features_dir: str | os.PathLike) -> Iterator[Bag]:
     for p in list_bags(features_dir):
         yield read_bag(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.store import|export``: CLAM / TRIDENT / STAMP ``.h5`` <-> bags (:mod:`pipeline.h5io`)."""
+    from .h5io import main as h5_main
+
+    return h5_main(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -331,3 +331,52 @@ def test_failed_job_is_retried_with_more_memory(slurm, root, env, tmp_path):
     # the bundle asks for its largest job's memory (features: 1500 MB * attempt in the test sizes)
     assert [jobs[i]["mem"] for i in sorted(ids, key=int)] == ["1500M", "3000M"], jobs
     assert all(jobs[i]["state"] == "FAILED" for i in ids), jobs
+
+
+def test_shipped_profile_is_checked_against_the_cluster_and_fits_with_its_settings(slurm, root, env, tmp_path):
+    """Test D: the shipped profile (no test overlay). `pipeline.cluster` refuses its defaults on this small
+    node, naming the bundle, its request and the node; with the sizes it suggests (environment variables)
+    the whole run goes through SLURM, and the bundle SLURM received is the one the check computed."""
+    from pipeline.cluster import bundle_request, check_cluster, load_profile, rule_requests
+    from pipeline.synthetic import make_cohort
+
+    small = {"gpus_per_feature_job": 0, "features": {"num_workers": 0}}
+    res = check_cluster(root / "profiles" / "slurm", config=small)
+    nodes_cpus = int(_run(["sinfo", "-h", "-N", "-o", "%c"]).stdout.split()[0])
+    if nodes_cpus >= 8:
+        pytest.skip(f"the test node has {nodes_cpus} CPUs: the shipped profile's bundles fit it")
+    assert not res["ok"], res
+    msg = next(f["message"] for f in res["findings"] if f["fatal"])
+    assert "bundle of 4 slide(s)" in msg and "largest node of partition" in msg and "CPUs" in msg
+    sizes = {"WSIPIPE_SLURM_CORES": str(res["fit"]["cores"]), "WSIPIPE_SLURM_BUNDLE": str(res["fit"]["bundle"]),
+             "WSIPIPE_SLURM_MAX_MEM_MB": str(int(res["largest_node"]["mem_mb"]) // 2)}
+    fitted_env = {**env, **sizes}
+    import os as _os
+
+    old = dict(_os.environ)
+    _os.environ.update(sizes)
+    try:
+        ok = check_cluster(root / "profiles" / "slurm", config=small)
+        profile = load_profile(root / "profiles" / "slurm")
+    finally:
+        _os.environ.clear()
+        _os.environ.update(old)
+    assert ok["ok"], ok["findings"]
+
+    slides = tmp_path / "slides"
+    make_cohort(slides, n=2, width=1024, height=768, mpp=0.5, seed=2)
+    results = tmp_path / "results"
+    cfg = workflow_config(tmp_path / "c.yaml", slides, results, None, features={"num_workers": 0})
+    cmd = ["snakemake", "--snakefile", str(root / "Snakefile"), "--profile", str(root / "profiles" / "slurm"),
+           "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
+           "--configfile", str(cfg)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=fitted_env, capture_output=True, text=True, timeout=420)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    jobs = squeue_jobs(slurm_job_ids(out))
+    assert jobs and all(j["state"] == "COMPLETED" for j in jobs.values()), jobs
+    expected = bundle_request(rule_requests(profile, small), min(2, res["fit"]["bundle"]), res["fit"]["cores"],
+                              1)
+    bundle = next(j for j in jobs.values() if j["mem"] != "1000M")
+    assert (int(bundle["cpus"]), bundle["mem"]) == (expected.cpus, f"{expected.mem_mb}M"), (bundle, expected)
+    assert len(list_bags(results / "features" / "test_resnet")) == 2

@@ -3,7 +3,7 @@
     wsipipe tissue|grid|features ...   one stage on one slide (what the workflow's jobs run)
     wsipipe mil train|predict|compare|export|models ...
     wsipipe heatmap|report|preflight ...
-    wsipipe bench|synthetic|weights|failures ...
+    wsipipe bench|synthetic|weights|failures|store|cluster ...
 
 ``wsipipe --help`` lists the subcommands, ``wsipipe CMD --help`` explains one. ``python -m pipeline CMD``
 is the same program (the Snakemake rules call it that way, so a workflow runs without the console script
@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synthetic": ("pipeline.synthetic", "synthetic pyramidal slides with ground truth (demo, tests)"),
     "weights": ("pipeline.features.weights", "fetch and pin encoder weights from the Hugging Face hub"),
     "failures": ("pipeline.failures", "summarise the per-slide failures of a results folder"),
+    "store": ("pipeline.store", "import CLAM/TRIDENT/STAMP .h5 features as bags; export bags as CLAM .h5"),
+    "cluster": ("pipeline.cluster", "check that the SLURM profile's requests fit the cluster's nodes"),
 }
 
 

@@ -21,7 +21,9 @@ from ..slide import Slide, SlideError, manifest_mpp, open_slide, read_manifest, 
 def parser(stage: str, description: str) -> argparse.ArgumentParser:
     """An argument parser with the options every per-slide stage takes."""
     p = argparse.ArgumentParser(prog=f"wsipipe {stage}", description=description)
-    p.add_argument("--slide", required=True, help="slide file")
+    p.add_argument("--slide", required=True, help="slide file (or the folder of a DICOM series)")
+    p.add_argument("--slide-id", default=None,
+                   help="the slide's id in the cohort (default: the file name without its extension)")
     p.add_argument("--reader", default="auto", choices=["auto", "openslide", "tiffslide"])
     p.add_argument("--labels", default=None, help="labels/manifest CSV (slide_id[,mpp])")
     p.add_argument("--mpp", type=float, default=None, help="level-0 µm/px of this slide (overrides metadata)")
@@ -40,13 +42,26 @@ def settings(args: argparse.Namespace, stage: str) -> dict[str, Any]:
     return parse_settings(args.settings, stage)
 
 
+def slide_id(args: argparse.Namespace) -> str:
+    """``--slide-id``, else the id derived from the file name."""
+    return args.slide_id or slide_id_from_path(args.slide)
+
+
 def open_for(args: argparse.Namespace) -> Slide:
     """Open ``--slide`` with its level-0 µm/px: ``--mpp``, else the labels CSV's ``mpp`` column, else the
     slide's metadata, else ``--default-mpp`` (see :func:`pipeline.slide.open_slide`)."""
     mpp = args.mpp
     if mpp is None and args.labels:
-        mpp = manifest_mpp(read_manifest(args.labels), slide_id_from_path(args.slide))
-    return open_slide(args.slide, reader=args.reader, mpp=mpp, default_mpp=args.default_mpp)
+        mpp = manifest_mpp(read_manifest(args.labels), slide_id(args))
+    return open_slide(args.slide, reader=args.reader, mpp=mpp, default_mpp=args.default_mpp, slide_id=slide_id(args))
+
+
+def retryable(exc: BaseException) -> bool:
+    """A failure that is not the slide's (disk full, the file replaced while it was read): the job fails
+    and a rerun completes it, so no explicit failed outputs are written whatever ``--on-error`` says."""
+    from ..files import is_disk_full
+
+    return bool(getattr(exc, "retryable", False)) or is_disk_full(exc)
 
 
 def run(stage: str, args: argparse.Namespace, work: Callable[[argparse.Namespace], None],
@@ -55,7 +70,7 @@ def run(stage: str, args: argparse.Namespace, work: Callable[[argparse.Namespace
     ``write_failed(args, reason, failed_stage)`` writes the stage's explicit failed outputs."""
     setup()
     log = get_logger(stage)
-    sid = slide_id_from_path(args.slide)
+    sid = slide_id(args)
     try:
         work(args)
     except ConfigError as exc:  # the settings, not the slide: nothing to record or write
@@ -75,8 +90,11 @@ def run(stage: str, args: argparse.Namespace, work: Callable[[argparse.Namespace
         reason = failures.one_line(reason)
         log.error("%s: %s", args.slide, reason)
         if args.results_dir:
-            failures.record_failure(args.results_dir, sid, stage, reason, args.slide)
-        if args.on_error == "fail":
+            try:
+                failures.record_failure(args.results_dir, sid, stage, reason, args.slide)
+            except OSError:  # e.g. the full disk itself
+                pass
+        if args.on_error == "fail" or retryable(exc):
             return 1
         write_failed(args, reason, stage)
         log.info("%s: failed outputs written (on_slide_error=skip)", sid)
@@ -94,5 +112,5 @@ def skip_if_upstream_failed(stage: str, args: argparse.Namespace, upstream_json:
     if not up:
         return False
     write_failed(args, up.get("error", "failed upstream"), up.get("stage", "upstream"))
-    get_logger(stage).info("%s: skipped, %s failed", slide_id_from_path(args.slide), up.get("stage"))
+    get_logger(stage).info("%s: skipped, %s failed", slide_id(args), up.get("stage"))
     return True

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..config import ConfigError
     from ..features.batch import SlideJob, read_spec, run_batch
     from ..log import get_logger, setup
-    from ..slide import SlideError, manifest_mpp, read_manifest, slide_id_from_path
+    from ..slide import SlideError, manifest_mpp, read_manifest
 
     setup()
     log = get_logger("features")
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.slide and args.grid and args.out:
             mpp = args.mpp
             if mpp is None and args.labels:
-                mpp = manifest_mpp(read_manifest(args.labels), slide_id_from_path(args.slide))
-            jobs = [SlideJob(slide_id_from_path(args.slide), args.slide, args.grid, args.out, mpp=mpp)]
+                mpp = manifest_mpp(read_manifest(args.labels), _slide.slide_id(args))
+            jobs = [SlideJob(_slide.slide_id(args), args.slide, args.grid, args.out, mpp=mpp)]
         else:
             p.error("give --slide, --grid and --out (one slide) or --batch SPEC")
     except (ConfigError, ValueError, OSError, SlideError) as exc:
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                      results_dir=args.results_dir, manifest=args.manifest, threads=args.threads,
                      batch_id=args.batch_id)
     failed = [j for j in jobs if j.status == "failed"]
-    return 1 if failed and args.on_error == "fail" else 0
+    retry = [j for j in failed if j.extra.get("retryable")]
+    return 1 if (failed and args.on_error == "fail") or retry else 0
 
 
 if __name__ == "__main__":

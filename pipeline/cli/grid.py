@@ -28,9 +28,7 @@ def _work(args: argparse.Namespace) -> None:
 
 def _failed(args: argparse.Namespace, reason: str, stage: str) -> None:
     from ..grid import write_failed
-    from ..slide import slide_id_from_path
-
-    write_failed(args.out, slide_id_from_path(args.slide), reason, _slide.settings(args, "grid"), stage)
+    write_failed(args.out, _slide.slide_id(args), reason, _slide.settings(args, "grid"), stage)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,10 +23,9 @@ def _work(args: argparse.Namespace) -> None:
 
 
 def _failed(args: argparse.Namespace, reason: str, stage: str) -> None:
-    from ..slide import slide_id_from_path
     from ..tissue import write_failed
 
-    write_failed(args.out_dir, slide_id_from_path(args.slide), reason, _slide.settings(args, "tissue"), stage)
+    write_failed(args.out_dir, _slide.slide_id(args), reason, _slide.settings(args, "tissue"), stage)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -134,7 +134,7 @@ def run_batch(jobs: list[SlideJob], settings: dict[str, Any], *, reader: str = "
     log.info("batch %s: %d slide(s), %d up to date, %d to encode", batch_id or "-", len(jobs), n_cached, len(todo))
     if todo:
         _encode(todo, p, reader=reader, default_mpp=default_mpp, threads=threads,
-                on_failed=lambda j, reason: _failed(j, reason, p, on_error, results_dir))
+                on_failed=lambda j, reason, exc=None: _failed(j, reason, p, on_error, results_dir, exc))
         for j in todo:
             if j.status == "encoded" and results_dir:
                 failures.clear_failure(results_dir, j.slide_id, "features")
@@ -153,14 +153,25 @@ def _write_failed(j: SlideJob, reason: str, stage: str, p: dict[str, Any]) -> No
     write_failed_bag(j.out, j.slide_id, reason, p, stage, cache_key=j.key)
 
 
-def _failed(j: SlideJob, reason: str, p: dict[str, Any], on_error: str, results_dir: str | None) -> None:
+def _failed(j: SlideJob, reason: str, p: dict[str, Any], on_error: str, results_dir: str | None,
+            exc: BaseException | None = None) -> None:
+    """A slide of the batch failed: its one-line record, and (``on_error="skip"``) an explicit failed bag,
+    unless the failure is not the slide's (a full disk, the file replaced while it was read, an encoder
+    that cannot be built): then nothing is written and the job fails, so that a rerun completes it."""
     from .. import failures
+    from ..cli._slide import retryable
 
     reason = failures.one_line(reason)
     j.status, j.error = "failed", reason
     log.error("%s: %s", j.slide, reason)
     if results_dir:
-        failures.record_failure(results_dir, j.slide_id, "features", reason, j.slide)
+        try:
+            failures.record_failure(results_dir, j.slide_id, "features", reason, j.slide)
+        except OSError:
+            pass
+    if exc is not None and (retryable(exc) or j.extra.get("retryable")):
+        j.extra["retryable"] = True
+        return
     if on_error == "skip":
         # not cached (no key): a failure of this stage itself is retried when the batch runs again
         from .extract import write_failed_bag
@@ -215,14 +226,14 @@ def _encode(todo: list[SlideJob], p: dict[str, Any], *, reader: str, default_mpp
     for j in todo:
         try:
             grid = load_grid(j.grid)
-            slide = open_slide(j.slide, reader=reader, mpp=j.mpp, default_mpp=default_mpp)
+            slide = open_slide(j.slide, reader=reader, mpp=j.mpp, default_mpp=default_mpp, slide_id=j.slide_id)
             grid_mpp = grid["read_plan"]["level0_mpp"]
             if abs(grid_mpp - slide.mpp) > 1e-9 * max(1.0, grid_mpp):
                 slide.close()
                 raise SlideError(j.slide, f"level-0 mpp {slide.mpp} differs from the grid's {grid_mpp} "
                                           f"({j.grid} is stale: rerun the grid stage)")
         except (SlideError, ValueError, OSError) as exc:
-            on_failed(j, exc.reason if isinstance(exc, SlideError) and exc.path == j.slide else str(exc))
+            on_failed(j, exc.reason if isinstance(exc, SlideError) and exc.path == j.slide else str(exc), exc)
             continue
         ready.append((j, slide, grid))
     if not ready:
@@ -240,11 +251,16 @@ def _encode(todo: list[SlideJob], p: dict[str, Any], *, reader: str, default_mpp
             reason = exc.reason if isinstance(exc, _SE) and exc.path == j.slide else f"{exc}"
             if not isinstance(exc, (_SE, ValueError, OSError)):
                 reason = f"{type(exc).__name__}: {exc}"
-            on_failed(j, reason)
+            on_failed(j, reason, exc)
 
     try:
         extract_slides([(s, g, j.grid, j.out) for j, s, g in ready], p,
                        extra_attrs={str(j.out): {"cache_key": j.key} for j, _, _ in ready}, on_done=done)
+    except Exception as exc:  # noqa: BLE001 - before any slide: the encoder cannot be built or moved
+        for j, _, _ in ready:
+            if j.status == "pending":
+                j.extra["retryable"] = True  # not the slide's fault: no failed bag, the job fails
+                on_failed(j, f"encoder {p['model']!r}: {exc}", exc)
     finally:
         for _, s, _ in ready:
             s.close()

@@ -28,7 +28,7 @@ import torch
 from .. import __version__
 from ..files import sha256_file
 from ..provenance import provenance
-from ..slide import Slide, SlideError, open_slide
+from ..slide import Slide, SlideChangedError, SlideError, open_slide, slide_stamp
 from ..config import model_tag, resolve
 from ..store import SCHEMA_VERSION, BagWriter, write_bag
 from . import create_encoder
@@ -213,6 +213,7 @@ class _SlideRun:
         self.bs = int(p["batch_size"])
         chunk_rows = self.bs * max(1, math.ceil(int(p["chunk_rows"]) / self.bs))
         self.fp = fingerprint(slide.path, grid_path, p, encoder.weights)
+        self.stamp = slide_stamp(slide.path)  # compared before finalize: no bag from a slide replaced mid-read
         self.writer = BagWriter(out_path, self.n, encoder.embed_dim, fingerprint=self.fp, chunk_rows=chunk_rows)
         self.start = self.writer.rows_done  # a chunk boundary, hence a run boundary
         if self.start:
@@ -275,6 +276,11 @@ class _SlideRun:
                                      fingerprint=self.fp),
             **(extra_attrs or {}),
         }
+        if slide_stamp(slide.path) != self.stamp:
+            self.writer.discard()
+            raise SlideChangedError(slide.path, "the slide file changed on disk while its features were being "
+                                                "extracted (replaced or rewritten): the partial bag was discarded; "
+                                                "rerun to extract the new file")
         self.writer.finalize(attrs)
         return attrs
 

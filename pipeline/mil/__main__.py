@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=D["device"], help="torch device: auto (default: cuda if available, else "
                                                          "cpu), cpu, cuda, cuda:N")
     t.add_argument("--threads", type=int, default=D["threads"], help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--allow-unknown-encoder", action="store_true", default=D["allow_unknown_encoder"],
+                   help="mix imported bags whose encoder (or resolution) is unknown with other bags")
     t.set_defaults(model_args=dict(D["model_args"]))
 
     r = sub.add_parser("predict", help="predict bags with the fold models of a training run")
@@ -186,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                   standardize=args.standardize, aem=args.aem, aem_lambda=args.aem_lambda,
                   survival_loss=args.survival_loss, n_bins=args.n_bins, regression_loss=args.regression_loss,
                   optimizer=args.optimizer, betas=args.betas, schedule=args.schedule, min_lr=args.min_lr,
-                  min_epochs=args.min_epochs, select=args.select, threads=args.threads)
+                  min_epochs=args.min_epochs, select=args.select, threads=args.threads,
+                  allow_unknown_encoder=args.allow_unknown_encoder)
         elif args.cmd == "predict":
             from .predict import predict
 

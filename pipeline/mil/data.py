@@ -270,32 +270,94 @@ def resolve_bag_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def feature_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
-    """The attributes that define the feature space of a bag."""
+    """The attributes that define the feature space of a bag (``None`` where an imported bag's source
+    did not say, see :func:`unknown_attrs`)."""
     out = {k: attrs.get(k) for k in FEATURE_ATTRS}
     out["feature_dim"] = int(out["feature_dim"])
-    out["patch_size_px"] = int(out["patch_size_px"])
-    out["target_mpp"] = float(out["target_mpp"])
-    out["model"] = str(out["model"])
+    if out["patch_size_px"] is not None:
+        out["patch_size_px"] = int(out["patch_size_px"])
+    if out["target_mpp"] is not None:
+        out["target_mpp"] = float(out["target_mpp"])
+    if out["model"] is not None:
+        out["model"] = str(out["model"])
     w = out["weights"]
-    out["weights"] = str(w.get("sha256") or json.dumps(w, sort_keys=True)) if isinstance(w, dict) else str(w)
+    if w is not None:
+        out["weights"] = str(w.get("sha256") or json.dumps(w, sort_keys=True)) if isinstance(w, dict) else str(w)
     return out
+
+
+def unknown_attrs(attrs: dict[str, Any]) -> list[str]:
+    """Feature-space attributes a bag does not know (imported bags whose source file did not say them)."""
+    return [k for k in FEATURE_ATTRS if attrs.get(k) is None]
+
+
+def _batch(attrs: dict[str, Any]) -> str | None:
+    """Bags imported together (one ``python -m pipeline.store import`` of one folder) share a batch."""
+    imp = attrs.get("imported")
+    return str(imp.get("batch")) if isinstance(imp, dict) and imp.get("batch") else None
 
 
 def _attr_key(fa: dict[str, Any]) -> tuple:
     return tuple(round(v, 6) if isinstance(v, float) else v for v in (fa[k] for k in FEATURE_ATTRS))
 
 
+def _check_unknown(bags: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """Refuse bags whose encoder (or another feature attribute) is unknown next to bags they cannot be
+    checked against: bags of another import, or of this pipeline."""
+    unknown = [(n, unknown_attrs(a), _batch(a)) for n, a in bags if unknown_attrs(a)]
+    if not unknown:
+        return
+    batches = {b for _, _, b in unknown}
+    known = [n for n, a in bags if not unknown_attrs(a)]
+    mixed_batches = len(batches) > 1 or None in batches
+    if not known and not mixed_batches:
+        return  # all from one import: the source tool used one encoder for them
+    fields = sorted({f for _, u, _ in unknown for f in u})
+    what = (f"{len(known)} bag(s) with known settings (e.g. {_names(known, 3)})" if known else
+            "bags of another import")
+    raise MILError(f"refusing to mix {len(unknown)} imported bag(s) whose {', '.join(fields)} is unknown "
+                   f"(e.g. {_names([n for n, _, _ in unknown], 3)}) with {what}: their features may come from "
+                   "another encoder or resolution. Import them with --encoder/--target-mpp if you know these, "
+                   "or pass allow_unknown_encoder=True (--allow-unknown-encoder) to mix them anyway")
+
+
+def _wildcard_compatible(fas: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Known values must agree; unknown (None) ones match anything. Returns the merged attributes."""
+    merged: dict[str, Any] = {}
+    for k in FEATURE_ATTRS:
+        vals: dict[Any, list[str]] = {}
+        for n, fa in fas:
+            if fa[k] is not None:
+                vals.setdefault(round(fa[k], 6) if isinstance(fa[k], float) else fa[k], []).append(n)
+        if len(vals) > 1:
+            parts = "; ".join(f"{_names(ns, 3)} have {k}={v!r}" for v, ns in vals.items())
+            raise MILError(f"refusing to mix bags with different {k}: {parts}")
+        merged[k] = next(iter(vals), None)
+    return merged
+
+
 def check_compatible(bags: Sequence[tuple[str, dict[str, Any]]],
-                     expected: dict[str, Any] | None = None, expected_from: str = "") -> dict[str, Any]:
+                     expected: dict[str, Any] | None = None, expected_from: str = "",
+                     allow_unknown_encoder: bool = False) -> dict[str, Any]:
     """Check that bags ``(name, attrs)`` share ``FEATURE_ATTRS`` (and match ``expected`` if given).
+
+    Imported bags may not know their encoder (or resolution): they are refused next to bags they cannot be
+    checked against (bags of another import or of this pipeline) unless ``allow_unknown_encoder``, in which
+    case unknown values match anything and known ones must agree. Against ``expected`` (a trained model's
+    attributes) an unknown value matches only an unknown one (unless ``allow_unknown_encoder``).
 
     Returns the common feature attributes; raises ``MILError`` naming the offending bags otherwise.
     """
     if not bags:
         raise MILError("no bags to check")
     fas = [(name, feature_attrs(attrs)) for name, attrs in bags]
+    if allow_unknown_encoder:
+        if expected is not None:
+            ref = feature_attrs(expected)
+            fas = fas + [(expected_from or "the trained model", ref)]
+        return _wildcard_compatible(fas)
     if expected is not None:
-        ref = feature_attrs(expected)
+        ref = feature_attrs(expected)  # unknown (None) values match only unknown ones
         bad = [(n, fa) for n, fa in fas if _attr_key(fa) != _attr_key(ref)]
         if bad:
             lines = []
@@ -307,6 +369,7 @@ def check_compatible(bags: Sequence[tuple[str, dict[str, Any]]],
             raise MILError(f"bag(s) incompatible with {expected_from or 'the trained model'}: "
                            + "; ".join(lines) + more)
         return ref
+    _check_unknown(bags)
     groups: dict[tuple, list[str]] = {}
     for n, fa in fas:
         groups.setdefault(_attr_key(fa), []).append(n)
@@ -401,8 +464,9 @@ def regression_strata(target: np.ndarray, max_bins: int = 4) -> np.ndarray:
 
 
 def load_dataset(bag_paths: Iterable[str | os.PathLike], labels_csv: str | os.PathLike,
-                 task: str | None = None) -> MILDataset:
-    """Labelled bags: the intersection of the labels CSV and the bags (others are named in a warning)."""
+                 task: str | None = None, allow_unknown_encoder: bool = False) -> MILDataset:
+    """Labelled bags: the intersection of the labels CSV and the bags (others are named in a warning).
+    ``allow_unknown_encoder``: see :func:`check_compatible`."""
     labels = read_labels(labels_csv, task)
     task = labels.attrs["task"]
     bags = open_bags(bag_paths)
@@ -447,7 +511,7 @@ def load_dataset(bag_paths: Iterable[str | os.PathLike], labels_csv: str | os.Pa
     if "split" in rows.columns:
         extra["split"] = rows["split"].astype(str).to_numpy()
     used = [bags[s] for s in rows["slide_id"]]
-    fa = check_compatible([(str(b.path), b.attrs) for b in used])
+    fa = check_compatible([(str(b.path), b.attrs) for b in used], allow_unknown_encoder=allow_unknown_encoder)
     feats, coords = [], []
     for b in used:
         full = read_bag(b.path)

@@ -489,8 +489,11 @@ def train(bags: Iterable[str | os.PathLike], labels: str | os.PathLike, out_dir:
           model: str = "abmil", folds: int = 5, seed: int = 0, epochs: int | None = None, lr: float | None = None,
           weight_decay: float | None = None, patience: int | None = None, val_fraction: float = 0.2,
           model_kwargs: dict[str, Any] | None = None, device: str | None = "auto", task: str | None = "auto",
-          threads: int | None = None, **settings: Any) -> dict[str, Any]:
+          threads: int | None = None, allow_unknown_encoder: bool = False, **settings: Any) -> dict[str, Any]:
     """Load bags + labels and run :func:`train_dataset`; returns the metrics dict (also in metrics.json).
+
+    ``allow_unknown_encoder``: mix imported bags whose encoder is unknown with other bags
+    (:func:`pipeline.mil.data.check_compatible`).
 
     ``task``: ``None``/``"auto"`` (decided by the labels CSV), ``"classification"``, ``"survival"`` or
     ``"regression"``; ``threads``: torch CPU threads for loading and training (``None``: torch's default);
@@ -502,7 +505,7 @@ def train(bags: Iterable[str | os.PathLike], labels: str | os.PathLike, out_dir:
     _check_settings(folds, epochs, lr, weight_decay, patience, val_fraction, threads=threads, **settings)
     pick_device(device)
     with torch_threads(threads):
-        ds = load_dataset(bags, labels, task)
+        ds = load_dataset(bags, labels, task, allow_unknown_encoder=allow_unknown_encoder)
         inputs = {"labels": str(labels), "labels_sha256": sha256_file(labels), "bags": [str(b) for b in bags]}
         return train_dataset(ds, out_dir, model=model, folds=folds, seed=seed, epochs=epochs, lr=lr,
                              weight_decay=weight_decay, patience=patience, val_fraction=val_fraction,

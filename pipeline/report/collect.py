@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 
 from ..curves import CurveError, km_groups, read_predictions
 from ..curves import roc_curves as roc_curves_of

@@ -7,6 +7,8 @@
 # Nothing here imports torch: planning stays fast.
 
 import json
+import os
+import shlex
 import re
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ from pipeline.config import ConfigError, canonical, load_schema, load_workflow_c
 from pipeline.files import safe_name
 from pipeline.layout import Layout
 from pipeline.provenance import fingerprints
-from pipeline.slide import SlideError, discover_slides, manifest_mpp, read_manifest
+from pipeline.slide import SlideError, discover_cohort, format_reconcile, manifest_mpp, read_manifest, reconcile
 
 
 try:
@@ -28,26 +30,33 @@ TOP = CFG.top
 RESULTS = CFG.results_dir
 TAG = CFG.tag
 LAYOUT = Layout(RESULTS, TAG)
-LABELS = TOP["labels_csv"] or None
 MIL_RUNS = CFG.mil  # MIL run name -> the settings of that run (several models train on the same folds)
 MIL_MODEL = next(iter(MIL_RUNS))  # the first run: its attention makes the heatmaps
 FEATURES = CFG.stages["features"]
+SLIDES_FROM = TOP["slides_csv"] or TOP["slides_dir"]
 
 try:
-    SLIDES = discover_slides(TOP["slides_dir"], tuple(TOP["extensions"]))
+    SLIDES = discover_cohort(slides_dir=None if TOP["slides_csv"] else TOP["slides_dir"],
+                             slides_csv=TOP["slides_csv"], recursive=TOP["slides_recursive"],
+                             extensions=tuple(TOP["extensions"]))
+except (SlideError, ValueError) as exc:
+    raise ValueError(f"cannot start: {exc}") from None
+# The labels: labels_csv, else a slide list that carries label columns.
+LABELS = TOP["labels_csv"] or (TOP["slides_csv"] if any(
+    ("label" in r or "time" in r) for r in SLIDES.rows.values()) else None)
+try:
     MANIFEST = read_manifest(LABELS)
 except SlideError as exc:
     raise ValueError(f"cannot start: {exc}") from None
+COHORT_CHECK = reconcile(SLIDES, MANIFEST)
 
 if not SLIDES:
-    print(f"warning: no slide files found in {TOP['slides_dir']}", file=sys.stderr)
+    print(f"warning: no slide files found in {SLIDES_FROM}", file=sys.stderr)
+if not os.environ.get("SLURM_JOB_ID"):  # printed once by the main process, not by every cluster job
+    for _line in format_reconcile(COHORT_CHECK, LABELS) + [f"note: {n}" for n in SLIDES.notes[:10]]:
+        print(_line, file=sys.stderr)
 
 MIL_SLIDES = sorted(s for s in SLIDES if s in MANIFEST) if LABELS else []
-if LABELS:
-    _missing = sorted(set(MANIFEST) - set(SLIDES))
-    if _missing:
-        print(f"warning: {len(_missing)} slide(s) in {LABELS} have no file in {TOP['slides_dir']}: "
-              f"{', '.join(_missing[:10])}{' ...' if len(_missing) > 10 else ''}", file=sys.stderr)
 
 
 # Content fingerprints: a slide replaced by a different file reruns (it is in the tissue rule's params);
@@ -121,9 +130,9 @@ def common_slide_args():
 
 
 def slide_args(wildcards):
-    """common_slide_args() plus the slide's manifest mpp (if any). Per slide, so that changing one slide's
-    mpp in the labels CSV reruns that slide only."""
-    args = common_slide_args()
+    """common_slide_args() plus the slide's id and manifest mpp (if any). Per slide, so that changing one
+    slide's mpp in the labels CSV reruns that slide only."""
+    args = common_slide_args() + f" --slide-id {shlex.quote(wildcards.slide)}"
     try:
         mpp = manifest_mpp(MANIFEST, wildcards.slide)
     except SlideError as exc:
@@ -179,11 +188,14 @@ def write_failure_summary():
 
 
 def write_cohort_lists():
-    """Write the COHORT_LISTS files (at the start of a run, before any job reads them)."""
-    from pipeline.files import write_text_atomic
+    """Write the COHORT_LISTS files (at the start of a run, before any job reads them) and the cohort check
+    (labels vs slides, files left out) for the report."""
+    from pipeline.files import write_json_atomic, write_text_atomic
 
     for name, lines in COHORT_LISTS.items():
         write_text_atomic(LAYOUT.cohort_file(f"{name}.txt"), "".join(f"{line}\n" for line in lines))
+    write_json_atomic(LAYOUT.cohort_json(), {**COHORT_CHECK, "labels": LABELS, "slides_from": SLIDES_FROM,
+                                             "notes": list(SLIDES.notes)})
 
 
 def lock_results_dir():
