@@ -208,3 +208,37 @@ def test_preflight_measures_throughput(results):
                              bench_seconds=0.2)
     assert est["throughput_source"] == "measured" and est["throughput_patches_per_s"] > 0
     assert est["total_seconds"] == pytest.approx(est["total_patches"] / est["throughput_patches_per_s"])
+
+
+def test_heatmap_beside_thumbnail_and_cohort_summary(tmp_path, results):
+    """Issue 13: each slide's heatmap is embedded next to its thumbnail; failures are summarised by stage and
+    kind of reason (paths and numbers taken out); the cohort check written at start is shown."""
+    import shutil
+
+    import cv2
+
+    res = tmp_path / "res"
+    shutil.copytree(results, res)
+    heat = res / "heatmaps" / TAG / "abmil"
+    heat.mkdir(parents=True)
+    cv2.imwrite(str(heat / "slide_b.png"), np.full((40, 60, 3), (0, 0, 255), np.uint8))
+    (res / "failures").mkdir()
+    for sid, path in (("x1", "/data/x1.svs"), ("x2", "/other/x2.svs")):
+        (res / "failures" / f"{sid}.json").write_text(json.dumps(
+            {"slide_id": sid, "stage": "tissue", "reason": f"{path}: file is empty (0 bytes)", "path": path}))
+    (res / "failures" / "x3.json").write_text(json.dumps(
+        {"slide_id": "x3", "stage": "features", "reason": "disk full", "path": "/d/x3.svs"}))
+    (res / "cohort.json").write_text(json.dumps({
+        "n_slides": 3, "n_rows": 3, "rows_without_slide": ["ghost"], "slides_without_label": ["slide_c"],
+        "missing_files": {}, "counts": {"rows_without_slide": 1, "slides_without_label": 1, "missing_files": 0},
+        "labels": "labels.csv", "notes": ["label image a.dcm is not a slide"]}))
+    report.build_report(res, res / "r.html", tag=TAG)
+    page = (res / "r.html").read_text(encoding="utf-8")
+    row_b = page[page.index("<b>slide_b</b>"):page.index("</tr>", page.index("<b>slide_b</b>"))]
+    assert row_b.count('src="data:image/') == 2 and 'alt="heatmap abmil/slide_b.png"' not in row_b
+    assert "heatmap test_resnet/abmil/slide_b.png" in row_b
+    assert "Failures by stage and reason" in page
+    summary = page[page.index("Failures by stage and reason"):page.index("</table>", page.index("Failures by"))]
+    assert "…: file is empty (N bytes)" in summary and "2: x1, x2" in summary and "disk full" in summary
+    assert "1 row(s) of labels.csv have no slide: ghost" in page and "have no label" in page
+    assert "1 file(s) left out of the slides" in page

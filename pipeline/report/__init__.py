@@ -33,7 +33,7 @@ from ..log import get_logger, setup
 from . import collect
 from ..curves import roc as roc_curve
 from .collect import read_failures
-from .images import IMAGE_MAX_PX, km_plot, overview_image, roc_plot
+from .images import IMAGE_MAX_PX, image_uri, km_plot, overview_image, roc_plot
 
 __all__ = ["build_report", "slide_record", "overview_image", "roc_curve", "read_failures", "main"]
 
@@ -91,7 +91,7 @@ def _rel_href(target: Path, html_dir: Path) -> str:
 
 
 def _row(rec: dict[str, Any], img: str | None, failures: list[dict[str, str]], resolved: list[dict[str, str]],
-         heatmaps: list[dict[str, str]]) -> dict[str, Any]:
+         heatmaps: list[dict[str, str]], heat_img: dict[str, str] | None = None) -> dict[str, Any]:
     """One slide row of the template: display strings (escaped by the template)."""
     dims = rec["dimensions"]
     mpp = rec["level0_mpp"]
@@ -121,6 +121,7 @@ def _row(rec: dict[str, Any], img: str | None, failures: list[dict[str, str]], r
         "area": f"{area:.2f}" if isinstance(area, (int, float)) else "–",
         "n": ("–" if failures else "no grid yet") if n is None else str(n), "bag": bag_s, "bag_cls": bag_cls,
         "failures": failures, "resolved": resolved, "problems": rec["problems"], "heatmaps": heatmaps,
+        "heat_img": heat_img,
     }
 
 
@@ -165,6 +166,7 @@ def build_report(results_dir: str | os.PathLike, out_html: str | os.PathLike, sl
         return {"href": _rel_href(h, html_dir), "name": h.relative_to(heat_base).as_posix()}
 
     rows, counts = [], {"ok": 0, "failed": 0, "incomplete": 0}
+    failed_by_slide: dict[str, list[dict[str, str]]] = {}
     total_patches, total_area, n_random, n_bags, n_default_mpp = 0, 0.0, 0, 0, 0
     for sid in ids:
         rec = collect.slide_record(layout, sid)
@@ -175,7 +177,15 @@ def build_report(results_dir: str | os.PathLike, out_html: str | os.PathLike, sl
         except Exception as exc:  # noqa: BLE001 - one bad image must not cost the whole report
             rec["problems"].append(f"overview image failed ({exc})")
             img = None
-        row = _row(rec, img, cur, resolved, [link(h) for h in heatmaps.get(sid, [])])
+        heat_img = None
+        for h in heatmaps.get(sid, []):  # the first readable heatmap image, next to the thumbnail
+            uri = image_uri(h, image_max_px) if h.suffix.lower() in (".png", ".jpg", ".jpeg") else None
+            if uri:
+                heat_img = {"src": uri, "name": h.relative_to(heat_base).as_posix()}
+                break
+        row = _row(rec, img, cur, resolved, [link(h) for h in heatmaps.get(sid, [])], heat_img)
+        if cur:
+            failed_by_slide[sid] = cur
         counts[row["status"]] += 1
         total_patches += int(rec["n_patches"] or 0)
         total_area += float(rec["tissue_area_mm2"] or 0.0)
@@ -206,6 +216,7 @@ def build_report(results_dir: str | os.PathLike, out_html: str | os.PathLike, sl
         "report_version": STAGE_VERSIONS["report"], "n_random": n_random, "n_bags": n_bags, "counts": counts,
         "cohort_failures": cohort_fail, "n_default_mpp": n_default_mpp, "summary": summary, "rows": rows,
         "mil_runs": runs, "comparison": compared, "other_heatmaps": [link(h) for h in other_heatmaps],
+        "failure_groups": collect.failure_summary(failed_by_slide), "cohort": collect.cohort_check(layout),
     })
     write_text_atomic(out_html, text)
     return {"out": str(out_html), "slides": len(ids), **counts, "total_patches": total_patches,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -318,3 +319,36 @@ def preflight_line(layout: Layout) -> str | None:
                 f"({pre.get('model')}, {pre.get('device')}; estimated {created})")
     except (KeyError, TypeError, ValueError):
         return None
+
+
+# -- the cohort summary ------------------------------------------------------------------------------------
+_PATHISH = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s:;,()'\"]+)+")
+
+
+def reason_kind(reason: str) -> str:
+    """A failure reason with file paths and numbers taken out, so that slides failing for the same reason
+    group together (``/data/a.svs: file is empty (0 bytes)`` and ``/data/b.svs: ...`` are one kind)."""
+    text = _PATHISH.sub("…", str(reason or ""))
+    return re.sub(r"\d+(?:\.\d+)?", "N", text).strip()
+
+
+def failure_summary(per_slide: dict[str, list[dict[str, str]]]) -> list[dict[str, Any]]:
+    """Current failures grouped by stage, then by kind of reason: ``[{"stage", "n", "reasons": [{"reason",
+    "n", "slides"}]}]``, largest groups first."""
+    by_stage: dict[str, dict[str, list[str]]] = {}
+    for sid, fails in per_slide.items():
+        for f in fails:
+            stage = str(f.get("stage") or "?")
+            by_stage.setdefault(stage, {}).setdefault(reason_kind(f.get("reason", "")), []).append(sid)
+    out = []
+    for stage, kinds in by_stage.items():
+        reasons = sorted(({"reason": k, "n": len(set(v)), "slides": sorted(set(v))} for k, v in kinds.items()),
+                         key=lambda r: -r["n"])
+        out.append({"stage": stage, "n": len({s for r in reasons for s in r["slides"]}), "reasons": reasons})
+    return sorted(out, key=lambda g: -g["n"])
+
+
+def cohort_check(layout: Layout) -> dict[str, Any] | None:
+    """``cohort.json`` written when the run started: labels vs slides and the files left out."""
+    rec, _ = read_json_or_none(layout.cohort_json())
+    return rec

@@ -42,6 +42,14 @@ def _fit(img: np.ndarray, max_px: int) -> np.ndarray:
     return img
 
 
+def image_uri(path: str | Path, max_px: int = IMAGE_MAX_PX) -> str | None:
+    """Data URI of an image file (a heatmap) scaled to ``max_px``; None when it cannot be read."""
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    return None if img is None else data_uri(_fit(img, max_px))
+
+
 def overview_image(rec: dict[str, Any], max_px: int = IMAGE_MAX_PX) -> str | None:
     """Data URI of the tissue thumbnail with the patch grid drawn on it; None without a thumbnail."""
     import cv2
