@@ -20,6 +20,7 @@ include: "workflow/rules/report.smk"
 
 
 onstart:
+    check_cluster_fits()
     lock_results_dir()
     write_cohort_lists()
 

@@ -11,11 +11,13 @@ memory: ``WSIPIPE_SLURM_FEATURES_MEM_MB`` ...; see ``docs/cluster.md``).
 
     python -m pipeline.cluster check --profile profiles/slurm [--partition P] [--config config.yaml]
 
-Bundle requests follow Snakemake's own computation for a group (``group-components``): the jobs of
-one stage run side by side as far as ``cores`` (CPUs per submission) and the local ``gpu`` limit allow,
-their CPUs and memory add up, the largest stage sets the request, and runtimes add up stage by stage.
-With the profile's defaults a bundle of 4 slides asks for 4 CPUs, 16,000 MB and one GPU; without GPUs
-(``gpus_per_feature_job: 0``) two feature jobs fit into 8 CPUs side by side: 8 CPUs and 32,000 MB.
+The per-slide CPU stages (tissue, grid) of several slides are bundled into one submission; each feature
+job (a batch of ``features.slides_per_job`` slides, one encoder) is a submission of its own on the GPU
+partition. Bundle requests follow Snakemake's own computation for a group (``group-components``): the
+jobs of one stage run side by side as far as ``cores`` (CPUs per submission) allows, their CPUs and
+memory add up, the largest stage sets the request, and runtimes add up stage by stage. With the
+profile's defaults a bundle of 4 slides asks for 4 CPUs and 16,000 MB; a feature job for
+2 + ``features.num_workers`` CPUs, 16,000 MB and one GPU.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 #: per-slide rules bundled into one submission (``groups: perslide`` in the profile), in run order
-BUNDLED = ("tissue", "grid", "features")
-#: rules submitted on their own (the others are local rules)
-SINGLE = ("mil_train", "mil_predict", "heatmap")
+BUNDLED = ("tissue", "grid")
+#: rules submitted on their own (the others are local rules); features = one batch of slides
+SINGLE = ("features", "mil_train", "mil_predict", "heatmap")
 BAD_STATES = ("down", "drain", "drng", "fail", "maint", "inval", "unk", "futr", "npc", "boot", "plnd")
 
 
@@ -260,7 +262,7 @@ def bundle_request(rules: dict[str, Request], n_slides: int, cores: int | None, 
     if cores:
         cpus = min(cpus, max(cores, max(rules[r].cpus for r in BUNDLED)))
     return Request(what=f"bundle of {n_slides} slide(s) ({', '.join(BUNDLED)})", cpus=cpus, mem_mb=mem, gpus=gpus,
-                   runtime_min=runtime, partition=rules["features"].partition)
+                   runtime_min=runtime, partition=rules[BUNDLED[0]].partition)
 
 
 def _fits(req: Request, node: Node, limits: Limits) -> list[str]:
@@ -300,11 +302,12 @@ def _largest(nodes: list[Node]) -> Node:
 
 
 def check(profile: dict[str, Any], nodes: list[Node], limits: Limits, config: dict[str, Any] | None = None,
-          threads: dict[str, int] | None = None) -> dict[str, Any]:
+          threads: dict[str, int] | None = None, only: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Compare every submission (first attempt; later attempts as warnings) with the partition.
 
     Returns ``{"ok", "findings": [...], "requests": {...}, "fit": {"bundle": n, "cores": c}}`` where ``fit``
-    is the largest bundle (and CPUs per submission) that fits, when the configured one does not."""
+    is the largest bundle (and CPUs per submission) that fits, when the configured one does not. ``only``:
+    the submissions to check (rule names and ``bundle``; default all)."""
     usable = [n for n in nodes if n.usable] or []
     part = limits.name or "?"
     findings: list[Finding] = []
@@ -325,6 +328,8 @@ def check(profile: dict[str, Any], nodes: list[Node], limits: Limits, config: di
         submissions["bundle"] = bundle_request(reqs, n_bundle, cores, gpu_limit)
     else:
         submissions.update({r: reqs[r] for r in BUNDLED})
+    if only is not None:
+        submissions = {k: v for k, v in submissions.items() if k in only or (k in BUNDLED and "bundle" in only)}
     fit = {"bundle": n_bundle, "cores": cores}
 
     def fits_somewhere(req: Request) -> list[str] | None:
@@ -350,6 +355,8 @@ def check(profile: dict[str, Any], nodes: list[Node], limits: Limits, config: di
             subs["bundle"] = bundle_request(later, fit["bundle"], fit["cores"], gpu_limit)
         else:
             subs.update({r: later[r] for r in BUNDLED})
+        if only is not None:
+            subs = {k: v for k, v in subs.items() if k in only or (k in BUNDLED and "bundle" in only)}
         for key, req in subs.items():
             if key != "bundle" and any(f.what == req.what for f in findings):
                 continue  # already refused at the first attempt
@@ -370,6 +377,10 @@ def _fix_for(key: str, req: Request, reqs: dict[str, Request], n: int, cores: in
              nodes: list[Node], limits: Limits, fit: dict[str, Any]) -> str:
     if key != "bundle":
         r = req.what.split()[-1]
+        if r == "features":
+            return ("a feature job does not fit: lower features.num_workers (CPUs = 2 + num_workers), "
+                    "WSIPIPE_SLURM_FEATURES_MEM_MB, or set gpus_per_feature_job=0 on a cluster without GPUs, or "
+                    "submit to a partition with larger nodes (WSIPIPE_SLURM_GPU_PARTITION)")
         env = {"mil_train": "WSIPIPE_SLURM_MIL_MEM_MB", "mil_predict": "WSIPIPE_SLURM_MIL_MEM_MB"}.get(r)
         hint = f" (export {env}=...)" if env else ""
         return (f"lower the request of {r} (profile set-resources{hint}) or submit to a partition with larger "
@@ -389,23 +400,39 @@ def _fix_for(key: str, req: Request, reqs: dict[str, Request], n: int, cores: in
                     parts.append(f"WSIPIPE_SLURM_CORES={c}")
                 return (f"a bundle of {k} slide(s){f' with at most {c} CPUs' if c else ''} fits "
                         f"({b.describe()}): export {' '.join(parts)}")
-    single = reqs["features"]
-    return (f"even one slide does not fit (rule features alone asks for {single.describe()}): lower "
-            "features.num_workers, WSIPIPE_SLURM_FEATURES_MEM_MB, or set gpus_per_feature_job=0 on a cluster "
-            "without GPUs, or use a partition with larger nodes")
+    single = max((reqs[r] for r in BUNDLED), key=lambda r: (r.cpus, r.mem_mb))
+    return (f"even one slide does not fit ({single.what} alone asks for {single.describe()}): lower its request "
+            "(WSIPIPE_SLURM_MAX_MEM_MB) or use a partition with larger nodes")
 
 
 def check_cluster(profile_dir: str | os.PathLike, partition: str | None = None, config: dict[str, Any] | None = None,
                   threads: dict[str, int] | None = None, run: Callable[[list[str]], str] = _run) -> dict[str, Any]:
-    """:func:`check` against the live cluster (``sinfo``/``scontrol``). ``partition``: the target
-    partition (default: the profile's GPU partition for bundles if set, else its partition, else the
-    cluster's default)."""
+    """:func:`check` against the live cluster (``sinfo``/``scontrol``), each submission against the
+    partition it goes to (the feature jobs: the profile's GPU partition; the rest: its partition; unset:
+    the cluster's default). ``partition`` checks every submission against that one partition instead."""
     profile = load_profile(profile_dir)
-    if partition is None:
-        reqs = rule_requests(profile, config)
-        partition = reqs["features"].partition or reqs["mil_train"].partition
-    nodes, limits = cluster_offer(partition, run)
-    return check(profile, nodes, limits, config, threads)
+    reqs = rule_requests(profile, config)
+    if partition is not None:
+        targets = {partition: None}
+    else:
+        groups: dict[str | None, list[str]] = {}
+        for key in ("bundle", *SINGLE):
+            part = reqs[BUNDLED[0] if key == "bundle" else key].partition
+            groups.setdefault(part, []).append(key)
+        targets = {p: tuple(keys) for p, keys in groups.items()}
+    merged: dict[str, Any] | None = None
+    for part, keys in targets.items():
+        nodes, limits = cluster_offer(part, run)
+        res = check(profile, nodes, limits, config, threads, only=keys)
+        if merged is None:
+            merged = res
+        else:
+            merged["ok"] = merged["ok"] and res["ok"]
+            merged["findings"] += res["findings"]
+            merged["requests"].update(res["requests"])
+            if res["fit"] != {"bundle": merged["fit"]["bundle"], "cores": merged["fit"]["cores"]} and "bundle" in (keys or ()):
+                merged["fit"] = res["fit"]
+    return merged or {"ok": True, "findings": [], "requests": {}, "fit": {}}
 
 
 def main(argv: list[str] | None = None) -> int:

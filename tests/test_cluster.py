@@ -53,26 +53,29 @@ def test_parsers():
 def test_bundle_requests_follow_snakemake_group_rules(profile):
     reqs = rule_requests(profile, {"gpus_per_feature_job": 1})
     assert (reqs["features"].cpus, reqs["features"].mem_mb, reqs["features"].gpus) == (4, 16000, 1)
-    b = bundle_request(reqs, 4, 8, 1)  # docs/cluster.md: sbatch -t 390 --mem 16000 --cpus-per-task=4 --gpus=1
-    assert (b.cpus, b.mem_mb, b.gpus, b.runtime_min) == (4, 16000, 1, 390)
-    cpu_only = bundle_request(rule_requests(profile, {"gpus_per_feature_job": 0}), 4, 8, 1)
-    assert (cpu_only.cpus, cpu_only.mem_mb, cpu_only.gpus) == (8, 32000, 0)  # the pending bundle
+    # tissue + grid of 4 slides side by side (1 CPU each, at most 8 per submission): 4 x 4000 MB, 20 + 10 min
+    b = bundle_request(reqs, 4, 8, 1)
+    assert (b.cpus, b.mem_mb, b.gpus, b.runtime_min) == (4, 16000, 0, 30)
+    # 2 CPUs per submission: two tissue jobs at a time, runtimes add up stage by stage
+    b = bundle_request(reqs, 4, 2, 1)
+    assert (b.cpus, b.mem_mb, b.runtime_min) == (2, 8000, 2 * 20 + 2 * 10)
 
 
 def test_small_cluster_is_refused_naming_rule_request_and_node(profile):
     nodes, lim = parse_sinfo_nodes(SMALL_SINFO), parse_partition(SMALL_PART)
     res = check(profile, nodes, lim, {"gpus_per_feature_job": 0})
     assert not res["ok"]
-    msg = res["findings"][0]["message"]
-    assert "bundle of 4 slide(s)" in msg and "8 CPUs, 32000 MB" in msg
-    assert "localhost (2 CPUs, 22000 MB, no GPU)" in msg and "partition 'debug'" in msg
-    # a feature job alone needs 2 + num_workers = 4 CPUs: no bundle size fits, the fix says what to lower
-    assert "even one slide does not fit" in msg and "num_workers" in msg
-    # with num_workers 0, limiting CPUs per submission makes the 4-slide bundle fit
-    res = check(profile, nodes, lim, {"gpus_per_feature_job": 0, "features": {"num_workers": 0}})
+    msgs = {f["what"]: f["message"] for f in res["findings"] if f["fatal"]}
+    # a feature job needs 2 + num_workers = 4 CPUs: named, with the request, the node and what to lower
+    assert "rule features" in msgs and "4 CPUs, 16000 MB" in msgs["rule features"]
+    assert "localhost (2 CPUs, 22000 MB, no GPU)" in msgs["rule features"] and "partition 'debug'" in msgs["rule features"]
+    assert "num_workers" in msgs["rule features"]
+    # four tissue jobs side by side need 4 CPUs: fewer CPUs per submission makes the 4-slide bundle fit
     bundle = next(f for f in res["findings"] if f["what"].startswith("bundle"))
-    assert bundle["fatal"] and "export WSIPIPE_SLURM_CORES=2" in bundle["fix"]
+    assert "4 CPUs, 16000 MB" in bundle["message"] and "export WSIPIPE_SLURM_CORES=2" in bundle["fix"]
     assert res["fit"] == {"bundle": 4, "cores": 2}
+    res = check(profile, nodes, lim, {"gpus_per_feature_job": 0, "features": {"num_workers": 0}})
+    assert not any(f["what"] == "rule features" for f in res["findings"])
     # retries ask for 2x and 3x the memory: said, not fatal
     retry = [f for f in res["findings"] if not f["fatal"]]
     assert any("features" in f["what"] or "bundle" in f["what"] for f in retry)
@@ -97,9 +100,10 @@ def test_profile_sizes_from_the_environment(root):
                 {"gpus_per_feature_job": 0, "features": {"num_workers": 0}})
     assert res["ok"] and not any(f["fatal"] for f in res["findings"])
     whats = {f["what"]: f for f in res["findings"]}
-    assert set(whats) == {"bundle of 2 slide(s) (tissue, grid, features) (retry 2, attempt 3)",
+    assert set(whats) == {"bundle of 2 slide(s) (tissue, grid) (retry 2, attempt 3)",
+                          "rule features (retry 2, attempt 3)",
                           "rule mil_train (retry 1, attempt 2)", "rule mil_train (retry 2, attempt 3)"}
-    assert "24000 MB > 22000 MB" in whats["bundle of 2 slide(s) (tissue, grid, features) (retry 2, attempt 3)"]["message"]
+    assert "24000 MB > 22000 MB" in whats["bundle of 2 slide(s) (tissue, grid) (retry 2, attempt 3)"]["message"]
 
 
 def test_gpu_partition_limits_and_states(profile):
@@ -109,13 +113,14 @@ def test_gpu_partition_limits_and_states(profile):
     res = check(profile, nodes, Limits(name="gpu", max_time_min=120), {"gpus_per_feature_job": 1})
     assert not res["ok"]
     names = [f["what"] for f in res["findings"] if f["fatal"]]
-    assert "rule mil_train" in names and "bundle of 4 slide(s) (tissue, grid, features)" in names
+    assert names == ["rule mil_train"]  # a feature job (90 min) and a bundle (30 min) fit
     mt = next(f for f in res["findings"] if f["what"] == "rule mil_train")
     assert "240 min > MaxTime 120 min" in mt["message"] and "g001 (64 CPUs, 512000 MB, 4 GPU(s))" in mt["message"]
     # a GPU per feature job on a partition without GPUs
     res = check(profile, parse_sinfo_nodes("c001|32|192000|(null)|cpu|idle\n"), Limits(name="cpu"),
                 {"gpus_per_feature_job": 1})
     assert not res["ok"] and "gpus_per_feature_job=0" in res["findings"][0]["fix"]
+    assert res["findings"][0]["what"] == "rule features"
     with pytest.raises(ClusterError, match="no usable node"):
         check(profile, [Node("n1", 8, 1000, 0, "down*")], Limits(name="p"))
 
@@ -129,9 +134,12 @@ def test_check_cluster_queries_the_target_partition(root, monkeypatch):
     res = check_cluster(root / PROFILE, config={"gpus_per_feature_job": 0}, run=run)
     assert not res["ok"] and res["partition"] == "debug"
     assert ["sinfo", "-N", "-h", "-p", "debug", "-o", "%N|%c|%m|%G|%P|%t"] in run.calls
+    # the feature jobs are checked against the GPU partition, the rest against the default one
     monkeypatch.setenv("WSIPIPE_SLURM_GPU_PARTITION", "extra")
     run = fake_run(SMALL_SINFO, SMALL_PART.replace("debug", "extra"))
-    check_cluster(root / PROFILE, config={"gpus_per_feature_job": 0}, run=run)
+    res = check_cluster(root / PROFILE, config={"gpus_per_feature_job": 0}, run=run)
     assert any(c[:5] == ["sinfo", "-N", "-h", "-p", "extra"] for c in run.calls)
+    assert any(c[:5] == ["sinfo", "-N", "-h", "-p", "debug"] for c in run.calls)
+    assert {"features", "bundle", "mil_train"} <= set(res["requests"])
     with pytest.raises(ClusterError, match="has no nodes"):
         check_cluster(root / PROFILE, partition="nope", run=fake_run("", ""))

@@ -100,8 +100,10 @@ def slurm():
 
 @pytest.fixture()
 def env(env_with_venv):
-    """The venv's PATH, without the profile's partition/account variables of whoever runs the tests."""
-    return {k: v for k, v in env_with_venv.items() if k not in ENV_VARS}
+    """The venv's PATH, without the profile's partition/account variables of whoever runs the tests. The
+    workflow's start-up check compares profiles/slurm's own sizes with the node; the runs with the test
+    overlay (smaller sizes, merged by Snakemake) skip it (WSIPIPE_SLURM_CHECK=0); test D runs it."""
+    return {**{k: v for k, v in env_with_venv.items() if k not in ENV_VARS}, "WSIPIPE_SLURM_CHECK": "0"}
 
 
 def write_yaml(path: Path, data: dict) -> Path:
@@ -201,7 +203,7 @@ def test_profile_requests(cohort, root, env, tmp_path):
     assert all(res[r]["slurm_partition"] == "cpu_p" and res[r]["slurm_account"] == "lab_a" for r in expected), res
     res = resources({"WSIPIPE_SLURM_PARTITION": "cpu_p", "WSIPIPE_SLURM_GPU_PARTITION": "gpu_p"})
     assert {rule: r["slurm_partition"] for rule, r in res.items() if rule in expected} == {
-        "tissue": "gpu_p", "grid": "gpu_p", "features": "gpu_p", "mil_train": "cpu_p", "mil_predict": "cpu_p"}
+        "tissue": "cpu_p", "grid": "cpu_p", "features": "gpu_p", "mil_train": "cpu_p", "mil_predict": "cpu_p"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,7 +224,8 @@ def test_whole_dag_through_slurm(slurm, root, env, tmp_path):
     out = proc.stdout + proc.stderr
 
     ids = slurm_job_ids(out)
-    # one sbatch per bundle (tissue + grid + features of 2 slides: 2 bundles for 12 jobs) and per other job
+    # one sbatch per bundle (tissue + grid of 2 slides: 2 bundles for 8 jobs), per feature job (one batch
+    # of 4 slides) and per other job
     singles = re.findall(r"^rule (\w+):", out, re.M)
     assert out.count("Group job perslide") == 2 and {"mil_train", "mil_predict"} <= set(singles), out[-4000:]
     assert len(ids) == 2 + len(singles), out[-4000:]
@@ -295,12 +298,12 @@ def test_scancel_then_rerun_redoes_only_unfinished_slides(slurm, root, env, tmp_
     assert all(finished[s] == finished_at_cancel[s] for s in finished_at_cancel)
     unfinished = {f"slide_{i:03d}" for i in range(4)} - set(finished)
 
-    # the dry run before the rerun plans feature jobs for the unfinished slides only
+    # the dry run before the rerun plans the interrupted feature job (its batch) and nothing upstream
     dry = snakemake(root, tmp_path, env, "--configfile", str(cfg), "-n")
     plan = planned(dry.stdout + dry.stderr)
-    assert plan.get("features") == unfinished, plan
+    assert plan.get("features") == {"00000"}, plan  # the one batch of 4 slides
     for rule in ("tissue", "grid"):
-        assert not (plan.get(rule, set()) & set(finished)), plan
+        assert not plan.get(rule), plan
 
     proc = snakemake(root, tmp_path, env, "--configfile", str(cfg))
     assert len(slurm_job_ids(proc.stdout + proc.stderr)) >= 1
@@ -328,8 +331,8 @@ def test_failed_job_is_retried_with_more_memory(slurm, root, env, tmp_path):
     ids = slurm_job_ids(out)
     assert len(ids) == 2, out[-4000:]  # first attempt + 1 retry
     jobs = squeue_jobs(ids)
-    # the bundle asks for its largest job's memory (features: 1500 MB * attempt in the test sizes)
-    assert [jobs[i]["mem"] for i in sorted(ids, key=int)] == ["1500M", "3000M"], jobs
+    # the bundle asks for its largest job's memory (tissue and grid: 500 MB * attempt in the test sizes)
+    assert [jobs[i]["mem"] for i in sorted(ids, key=int)] == ["500M", "1000M"], jobs
     assert all(jobs[i]["state"] == "FAILED" for i in ids), jobs
 
 
@@ -348,9 +351,23 @@ def test_shipped_profile_is_checked_against_the_cluster_and_fits_with_its_settin
     assert not res["ok"], res
     msg = next(f["message"] for f in res["findings"] if f["fatal"])
     assert "bundle of 4 slide(s)" in msg and "largest node of partition" in msg and "CPUs" in msg
+    # the workflow runs the same check when it starts: it stops before submitting anything, naming the
+    # bundle, its request and the node (the issue: it used to wait for ever on a job stuck in PartitionConfig)
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    make_cohort(pre / "slides", n=2, width=1024, height=768, mpp=0.5, seed=2)
+    pre_cfg = workflow_config(pre / "c.yaml", pre / "slides", pre / "results", None, features={"num_workers": 0})
+    stop = subprocess.run(["snakemake", "--snakefile", str(root / "Snakefile"), "--profile",
+                           str(root / "profiles" / "slurm"), "--slurm-status-command", "squeue",
+                           "--configfile", str(pre_cfg)], cwd=pre, env={**env, "WSIPIPE_SLURM_CHECK": "1"},
+                          capture_output=True, text=True, timeout=300)
+    out = stop.stdout + stop.stderr
+    assert stop.returncode != 0 and "nothing was submitted" in out, out[-4000:]
+    assert "bundle of 4 slide(s)" in out and "largest node of partition" in out
+    assert not slurm_job_ids(out)
     sizes = {"WSIPIPE_SLURM_CORES": str(res["fit"]["cores"]), "WSIPIPE_SLURM_BUNDLE": str(res["fit"]["bundle"]),
              "WSIPIPE_SLURM_MAX_MEM_MB": str(int(res["largest_node"]["mem_mb"]) // 2)}
-    fitted_env = {**env, **sizes}
+    fitted_env = {**env, **sizes, "WSIPIPE_SLURM_CHECK": "1"}
     import os as _os
 
     old = dict(_os.environ)
@@ -375,8 +392,9 @@ def test_shipped_profile_is_checked_against_the_cluster_and_fits_with_its_settin
     assert proc.returncode == 0, out[-6000:]
     jobs = squeue_jobs(slurm_job_ids(out))
     assert jobs and all(j["state"] == "COMPLETED" for j in jobs.values()), jobs
-    expected = bundle_request(rule_requests(profile, small), min(2, res["fit"]["bundle"]), res["fit"]["cores"],
-                              1)
-    bundle = next(j for j in jobs.values() if j["mem"] != "1000M")
-    assert (int(bundle["cpus"]), bundle["mem"]) == (expected.cpus, f"{expected.mem_mb}M"), (bundle, expected)
+    reqs = rule_requests(profile, small)
+    expected = bundle_request(reqs, min(2, res["fit"]["bundle"]), res["fit"]["cores"], 1)
+    received = {(int(j["cpus"]), j["mem"]) for j in jobs.values()}
+    assert (expected.cpus, f"{expected.mem_mb}M") in received, (received, expected)  # the tissue + grid bundle
+    assert (reqs["features"].cpus, f"{reqs['features'].mem_mb}M") in received, (received, reqs["features"])
     assert len(list_bags(results / "features" / "test_resnet")) == 2

@@ -198,6 +198,29 @@ def write_cohort_lists():
                                              "notes": list(SLIDES.notes)})
 
 
+def check_cluster_fits():
+    """SLURM runs: before anything is submitted, compare every submission's request with the nodes of its
+    partition (pipeline/cluster.py) and stop, naming the rule, the request and the largest node, when one
+    could never start. WSIPIPE_SLURM_CHECK=0 skips it; WSIPIPE_SLURM_PROFILE names another profile."""
+    plugin = workflow.executor_plugin
+    if getattr(plugin, "name", "") != "slurm" or os.environ.get("WSIPIPE_SLURM_CHECK", "1") == "0":
+        return
+    from pipeline.cluster import ClusterError, check_cluster
+
+    profile = os.environ.get("WSIPIPE_SLURM_PROFILE") or str(Path(workflow.basedir) / "profiles" / "slurm")
+    try:
+        res = check_cluster(profile, config=config, threads={"features": 2 + FEATURES["num_workers"]})
+    except ClusterError as exc:
+        print(f"warning: cannot check the cluster's nodes ({exc}); submitting anyway", file=sys.stderr)
+        return
+    for f in res["findings"]:
+        print(f["message"], file=sys.stderr)
+    if not res["ok"]:
+        print("error: these submissions would stay pending for ever; nothing was submitted "
+              "(docs/cluster.md, `wsipipe cluster check`)", file=sys.stderr)
+        raise SystemExit(1)
+
+
 def lock_results_dir():
     """Refuse to start when another run holds the results folder (see pipeline/runlock.py)."""
     from pipeline.runlock import RunLockError, acquire
