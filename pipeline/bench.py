@@ -61,14 +61,22 @@ def machine() -> dict[str, Any]:
     return info
 
 
+_GRIDS: dict[tuple, dict[str, Any]] = {}
+
+
 def slide_grid(path: str, target_mpp: float, size: int, max_patches: int | None = None):
-    """Open a slide, segment its tissue in memory and build the patch grid (first ``max_patches``)."""
+    """Open a slide, segment its tissue in memory and build the patch grid (first ``max_patches``);
+    grids are remembered for the process (benchmarks reuse slides)."""
     slide = open_slide(path)
-    tissue = segment_tissue(slide, {})
-    grid = make_grid(slide, tissue.mask, tissue.mask_downsample, {"patch_size": size, "target_mpp": target_mpp})
-    if max_patches:
-        grid["coords"] = grid["coords"][:max_patches]
-        grid["n_patches"] = len(grid["coords"])
+    key = (str(path), float(target_mpp), int(size), max_patches)
+    grid = _GRIDS.get(key)
+    if grid is None:
+        tissue = segment_tissue(slide, {})
+        grid = make_grid(slide, tissue.mask, tissue.mask_downsample, {"patch_size": size, "target_mpp": target_mpp})
+        if max_patches:
+            grid["coords"] = grid["coords"][:max_patches]
+            grid["n_patches"] = len(grid["coords"])
+        _GRIDS[key] = grid
     return slide, grid
 
 
@@ -294,7 +302,8 @@ class GpuBusy:
 def bench_extract(slides: list[str], model: str, target_mpp: float, size: int, batch_size: int,
                   device: str = "auto", workers: int = 2, max_patches: int | None = None,
                   compare_model: bool = True, repeats: int = 1, slide_repeats: int = 1,
-                  settings: dict[str, Any] | None = None, model_seconds: float | None = None) -> dict[str, Any]:
+                  settings: dict[str, Any] | None = None, model_seconds: float | None = None,
+                  encoder=None) -> dict[str, Any]:
     """End-to-end extraction throughput, with the reader pool started beforehand (it outlives slides).
     With ``repeats`` > 1, extract and model rounds alternate and the best of each is kept, so intermittent
     background load does not bias the ratios. ``slide_repeats`` lists every slide that many times."""
@@ -303,7 +312,7 @@ def bench_extract(slides: list[str], model: str, target_mpp: float, size: int, b
     p = merge_params({"model": model, "batch_size": batch_size, "num_workers": workers, "device": device,
                       **(settings or {})})
     dev = resolve_device(device)
-    enc = create_encoder(model, input_size=size)
+    enc = encoder or create_encoder(model, input_size=size)
     prepare_encoder(enc, dev)
     jobs, tmp = [], Path(tempfile.mkdtemp(prefix="wsipipe-bench-"))
     for i, path in enumerate(slides):
@@ -487,8 +496,8 @@ def feature_agreement(slide: str, model: str, device: str, target_mpp: float = 0
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def gpu_suite(workdir: str, slides: list[str] | None = None, gen_width: int = 24576, gen_height: int = 18432,
-              gen_count: int = 2, workers: int | None = None, batch_size: int = 256, extract_seconds: float = 8.0,
+def gpu_suite(workdir: str, slides: list[str] | None = None, gen_width: int = 40000, gen_height: int = 30000,
+              gen_count: int = 4, workers: int | None = None, batch_size: int = 256, extract_seconds: float = 8.0,
               models: tuple[str, ...] = ("vit_base_patch16_224", "vit_large_patch16_224"),
               out_json: str | None = None) -> dict[str, Any]:
     """Every GPU-side measurement in one call (sized for a 10-minute run on an H100/H200 with 16 cores):
@@ -515,7 +524,9 @@ def gpu_suite(workdir: str, slides: list[str] | None = None, gen_width: int = 24
     if not slides:
         todo = [(str(wd / f"bench_{i}.svs"), gen_width, gen_height, i) for i in range(gen_count)]
         t0 = time.perf_counter()
-        with cf.ProcessPoolExecutor(len(todo)) as ex:
+        import multiprocessing
+
+        with cf.ProcessPoolExecutor(len(todo), mp_context=multiprocessing.get_context("spawn")) as ex:
             slides = list(ex.map(_gen_slide, todo))
         log("slides", {"paths": slides, "generate_s": round(time.perf_counter() - t0, 1)})
     per_pass = 0
@@ -546,14 +557,17 @@ def gpu_suite(workdir: str, slides: list[str] | None = None, gen_width: int = 24
     except Exception as exc:  # noqa: BLE001
         log("nvjpeg_aperio_style", {"error": f"{type(exc).__name__}: {exc}"})
 
+    from .features import create_encoder
+
     for model in models:
         try:
-            c = bench_model(model, 224, batch_size, "cuda", seconds=5, ceiling=True)
+            enc = create_encoder(model, input_size=224)
+            c = bench_model(model, 224, batch_size, "cuda", seconds=5, ceiling=True, encoder=enc)
             rate = c["patches_per_s"]
             reps = max(1, math.ceil(extract_seconds * rate / max(per_pass, 1)))
             for label, settings in (("cpu_decode", {}), ("nvjpeg", {"gpu_decode": True})):
                 e = bench_extract(slides, model, 0.5, 224, batch_size, "cuda", workers, slide_repeats=reps,
-                                  settings=settings, model_seconds=5)
+                                  settings=settings, model_seconds=5, encoder=enc)
                 log(f"extract_{model}_{label}", {k: e.get(k) for k in (
                     "patches", "seconds", "patches_per_s", "ceiling_patches_per_s", "ratio_vs_ceiling",
                     "model_patches_per_s", "ratio_vs_model", "gpu_busy", "decoder", "resize", "pool_start_s",
@@ -627,9 +641,9 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("gpu-suite")
     g.add_argument("--workdir", required=True, help="where synthetic slides are made (and reused)")
     g.add_argument("--slide", nargs="*", default=None, help="use these slides instead of generating")
-    g.add_argument("--gen-width", type=int, default=24576)
-    g.add_argument("--gen-height", type=int, default=18432)
-    g.add_argument("--gen-count", type=int, default=2)
+    g.add_argument("--gen-width", type=int, default=40000)
+    g.add_argument("--gen-height", type=int, default=30000)
+    g.add_argument("--gen-count", type=int, default=4, help="slides generated in parallel (streaming generator)")
     g.add_argument("--workers", type=int, default=None, help="reader processes (default: cores - 2, at most 16)")
     g.add_argument("--batch-size", type=int, default=256)
     g.add_argument("--extract-seconds", type=float, default=8.0)

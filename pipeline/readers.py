@@ -398,9 +398,8 @@ class ReaderPool:
             stream = next((s for s in self._streams if s.next_assign < len(s.batches)), None)
             if stream is None:
                 return
-            live = [w for w in self._procs if w.alive]
-            if not live:
-                raise ReaderError("no reader process is running")
+            if not any(w.alive for w in self._procs):
+                return  # the consumer reports it (``get``); the next ``submit`` starts new readers
             i = stream.next_assign
             stream.next_assign += 1
             batch = stream.batches[i]
@@ -413,6 +412,10 @@ class ReaderPool:
             for s in np.unique(stripes):
                 idx = np.flatnonzero(stripes == s)
                 n = len(idx)
+                live = [w for w in self._procs if w.alive]
+                if not live:
+                    batch.error = batch.error or "every reader process has exited"
+                    break
                 best = min(live, key=lambda w: w.load)
                 owner = stream._owner.get(int(s))
                 w = owner if owner is not None and owner.alive and owner.load - best.load <= n else best

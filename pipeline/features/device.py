@@ -156,8 +156,8 @@ def assemble_patches(tiles: dict[tuple[int, int], torch.Tensor], origins: np.nda
     if tiles:
         keys = sorted(tiles)
         stacked = torch.stack([tiles[k] for k in keys]).permute(0, 2, 3, 1)  # (T, th, tw, 3)
-        ix = torch.tensor([k[0] - tx0 for k in keys], device=device)
-        iy = torch.tensor([k[1] - ty0 for k in keys], device=device)
+        ix = _to_device([k[0] - tx0 for k in keys], device)
+        iy = _to_device([k[1] - ty0 for k in keys], device)
         mosaic.permute(0, 2, 1, 3, 4)[iy, ix] = stacked
     flat = mosaic.view(ny * tile_h, nx * tile_w, 3)
     ox, oy = tx0 * tile_w, ty0 * tile_h
@@ -166,9 +166,17 @@ def assemble_patches(tiles: dict[tuple[int, int], torch.Tensor], origins: np.nda
     if height - oy < ny * tile_h:
         flat[max(0, height - oy):] = 255
     ar = torch.arange(r, device=device)
-    rows = torch.as_tensor(ys - oy, device=device)[:, None] + ar  # (n, r)
-    cols = torch.as_tensor(xs - ox, device=device)[:, None] + ar
+    rows = _to_device(ys - oy, device)[:, None] + ar  # (n, r)
+    cols = _to_device(xs - ox, device)[:, None] + ar
     return flat[rows[:, :, None], cols[:, None, :]]
+
+
+def _to_device(a: np.ndarray | list, device: torch.device) -> torch.Tensor:
+    """A small host array on ``device`` without synchronising (pinned, asynchronous copy on CUDA)."""
+    t = torch.as_tensor(np.asarray(a, dtype=np.int64))
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def batch_tiles(origins: np.ndarray, read_px: int, tile_w: int, tile_h: int, ntx: int, nty: int) -> list[tuple[int, int]]:
@@ -225,6 +233,9 @@ class JpegTileSource:
         self.batches = batches
         self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
+        # CUDA: decode and assemble on a stream of their own, handed over with an event, so neither
+        # thread waits for the other's kernels
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._thread = threading.Thread(target=self._run, name="jpeg-tile-decoder", daemon=True)
         self._thread.start()
 
@@ -254,7 +265,14 @@ class JpegTileSource:
             if self._stop.is_set():
                 return
             try:
-                item: Any = self._batch(a, b)
+                if self._stream is not None:
+                    with torch.cuda.stream(self._stream):
+                        item: Any = self._batch(a, b)
+                        ready = torch.cuda.Event()
+                        ready.record(self._stream)
+                    item = (item, ready)
+                else:
+                    item = (self._batch(a, b), None)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
                 item = exc
             while not self._stop.is_set():
@@ -281,7 +299,12 @@ class JpegTileSource:
         if isinstance(item, BaseException):
             raise SlideError(self.tiles.path, f"cannot decode patches {self.batches[i]} on {self.device}: "
                                               f"{type(item).__name__}: {item}") from item
-        return item
+        patches, ready = item
+        if ready is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(ready)
+            patches.record_stream(stream)  # the allocator must not reuse it before the consumer is done
+        return patches
 
     def release(self, i: int, after: Any = None) -> None:
         pass

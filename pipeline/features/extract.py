@@ -184,12 +184,15 @@ def embed_batch(encoder: Encoder, batch_u8: torch.Tensor, device: torch.device, 
 
 class _AsyncWriter:
     """Writes finished batches into the bag from a thread, in order; waits for each batch's
-    device-to-host copy there (``event.synchronize()``), so the main thread never does."""
+    device-to-host copy there (``event.synchronize()``), so the main thread never does. ``finish(fn)``
+    runs ``fn`` (the bag's finalisation) in the thread after the last write, so the next slide's
+    encoding does not wait for it; :meth:`result` joins and returns its value or raises."""
 
     def __init__(self, writer: BagWriter, slide_path: Any, depth: int = 3):
         self.writer, self.slide_path = writer, slide_path
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self.value: Any = None
         self.thread = threading.Thread(target=self._run, name="bag-writer", daemon=True)
         self.thread.start()
 
@@ -205,8 +208,11 @@ class _AsyncWriter:
                 return
             if self.error is not None:
                 continue  # drain after a failure
-            row, feats, coords, event = item
             try:
+                if callable(item):  # finish
+                    self.value = item()
+                    continue
+                row, feats, coords, event = item
                 if event is not None:
                     event.synchronize()
                 arr = feats.numpy()
@@ -217,12 +223,22 @@ class _AsyncWriter:
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                 self.error = exc
 
-    def close(self, raise_error: bool = True) -> None:
-        """Finish the queued writes (they are valid even when the caller is failing) and stop."""
+    def finish(self, fn) -> "_AsyncWriter":
+        self.q.put(fn)
         self.q.put(None)
+        return self
+
+    def result(self) -> Any:
         self.thread.join()
-        if raise_error and self.error is not None:
+        if self.error is not None:
             raise self.error
+        return self.value
+
+    def close(self) -> None:
+        """Finish the queued writes (they are valid even when the caller is failing) and stop."""
+        if self.thread.is_alive():
+            self.q.put(None)
+            self.thread.join()
 
 
 def _tile_cache_bytes(tiles: Any, level: int, workers: int) -> int | None:
@@ -276,6 +292,7 @@ class _SlideRun:
         self.resize = dev.resize_method(r, ps) if self.resize_to else self.spec.resize_method
         self.paths = {"device": device.type, "decoder": self.decoder, "resize": self.resize,
                       "weights_dtype": weights_dtype}
+        self.info = slide.info()  # read here: the bag is finalised from the writer thread
         self.fp = fingerprint(slide.path, grid_path, p, encoder.weights, self.paths)
         self.writer = BagWriter(out_path, self.n, encoder.embed_dim, fingerprint=self.fp, chunk_rows=chunk_rows)
         self.start = self.writer.rows_done  # a chunk boundary, hence a batch boundary
@@ -298,12 +315,20 @@ class _SlideRun:
         self.source.close()
 
     def run(self) -> dict[str, Any]:
+        """Encode the slide and write its bag; returns the bag's attributes."""
+        return self.encode().result()
+
+    def encode(self) -> _AsyncWriter:
+        """Encode every batch; the last writes and the bag's finalisation continue in the writer thread
+        (``.result()`` waits for them and returns the bag's attributes, or raises)."""
         plan, slide, enc, device = self.plan, self.slide, self.encoder, self.device
         progress = Progress(slide.slide_id, self.n, start=self.start, stream=self.log)
         cuda = device.type == "cuda"
         aw = _AsyncWriter(self.writer, slide.path)
         ring = ([torch.empty((self.bs, enc.embed_dim), dtype=torch.float32, pin_memory=True)
                  for _ in range(aw.q.maxsize + 2)] if cuda else [])
+        # host-to-device copies on a stream of their own: batch i+1 is copied while batch i is encoded
+        copy_stream = torch.cuda.Stream(device) if cuda else None
         try:
             with torch.inference_mode():
                 for i, (a, b) in enumerate(self.batches):
@@ -311,9 +336,13 @@ class _SlideRun:
                     x = torch.from_numpy(block) if isinstance(block, np.ndarray) else block
                     copied = None
                     if cuda and x.device.type == "cpu":
-                        x = x.to(device, non_blocking=True)  # from pinned shared memory
-                        copied = torch.cuda.Event()
-                        copied.record()
+                        with torch.cuda.stream(copy_stream):
+                            x = x.to(device, non_blocking=True)  # from pinned shared memory
+                            copied = torch.cuda.Event()
+                            copied.record(copy_stream)
+                        compute = torch.cuda.current_stream(device)
+                        compute.wait_event(copied)
+                        x.record_stream(compute)
                     feats = embed_batch(enc, x, device, size=self.resize_to, sync=not cuda)
                     row = self.start + a
                     if cuda:
@@ -329,10 +358,14 @@ class _SlideRun:
                     progress.update(self.start + b)
         except BaseException:
             self.source.close()
-            aw.close(raise_error=False)  # batches already computed are written: a rerun resumes after them
+            aw.close()  # batches already computed are written: a rerun resumes after them
             raise
         self.source.close()
-        aw.close()
+        seconds = time.monotonic() - self.t0
+        return aw.finish(lambda: self._finalize(progress, seconds))
+
+    def _finalize(self, progress: Progress, seconds: float) -> dict[str, Any]:
+        plan, slide, enc, device = self.plan, self.slide, self.encoder, self.device
         if self.writer.rows_done != self.n:
             raise SlideError(slide.path, f"wrote {self.writer.rows_done - self.start} patches, expected "
                                          f"{self.n - self.start}")
@@ -353,11 +386,11 @@ class _SlideRun:
             "mpp_source": slide.mpp_source,
             "schema_version": SCHEMA_VERSION,
             "pipeline_version": __version__,
-            "provenance": provenance("features", self.p, slide=slide.info(), read_plan=plan, device=str(device),
+            "provenance": provenance("features", self.p, slide=self.info, read_plan=plan, device=str(device),
                                      decoder=self.decoder, resize=self.resize,
                                      weights_dtype=self.paths["weights_dtype"], gpu_decode=self.gpu_decode,
                                      reader_processes=int(self.p["num_workers"]),
-                                     resumed_from=self.start, seconds=round(time.monotonic() - self.t0, 3),
+                                     resumed_from=self.start, seconds=round(seconds, 3),
                                      fingerprint=self.fp),
         }
         self.writer.finalize(attrs)
@@ -404,6 +437,7 @@ def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, st
     pool = pool if pool is not None else ReaderPool(int(p["num_workers"]))
     unpin = None
     runs: list[_SlideRun] = []  # every prepared slide, closed at the end whatever happens
+    pending = None  # the previous slide's writer, finishing while the next slide is encoded
 
     def prepare(job):
         try:
@@ -414,6 +448,13 @@ def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, st
             return None
         runs.append(run)
         return run
+
+    def collect(handle):  # a slide's last writes and finalisation, done while the next one was encoded
+        try:
+            results.append(handle.result())
+        except Exception as exc:  # noqa: BLE001 - reported per slide
+            errors.append(exc)
+            print(f"ERROR [features] {exc}", file=log, flush=True)
 
     try:
         pool.reserve(slot_bytes(jobs, p, device))
@@ -429,11 +470,22 @@ def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, st
             if cur is None:
                 continue
             try:
-                results.append(cur.run())
+                handle = cur.encode()
             except Exception as exc:  # noqa: BLE001
                 errors.append(exc)
                 print(f"ERROR [features] {exc}", file=log, flush=True)
+                continue
+            finally:
+                if pending is not None:
+                    collect(pending)
+                    pending = None
+            pending = handle
+        if pending is not None:
+            collect(pending)
+            pending = None
     finally:
+        if pending is not None:
+            pending.close()  # interrupted: let the queued writes land (a rerun resumes after them)
         for run in runs:
             run.close()
         if unpin is not None:
