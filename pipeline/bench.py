@@ -125,10 +125,12 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def _stripe(slide, level: int, read_px: int) -> int:
+def _stripe(slide, level: int, read_px: int, workers: int, origins: np.ndarray) -> int:
+    from .readers import grid_step, stripe_width
+
     tiles = slide.tiled_jpeg()
-    tw = tiles.levels[level].tw if tiles and tiles.supports(level) else 256
-    return tw * max(1, round(16 * read_px / tw))
+    tw = tiles.levels[level].tw if tiles and tiles.supports(level) else None
+    return stripe_width(slide.level_dimensions[level][0], read_px, workers, tw, grid_step(origins))
 
 
 def bench_read(slide: str, target_mpp: float, size: int, workers: list[int] | int, max_patches: int = 2000,
@@ -150,7 +152,7 @@ def bench_read(slide: str, target_mpp: float, size: int, workers: list[int] | in
             t0 = time.perf_counter()
             pools[w] = ReaderPool(w)
             specs[w] = ReadSpec(str(s.path), s.reader, float(s.mpp), level, r, p, resize=resize == "cpu",
-                                cache_bytes=_tile_cache_bytes(tiles, level, w))
+                                cache_bytes=_tile_cache_bytes(tiles, level, w, origins, batches, r))
             pools[w].reserve(batch_size * specs[w].patch_bytes)
             if w:
                 pools[w].wait_ready()
@@ -160,7 +162,7 @@ def bench_read(slide: str, target_mpp: float, size: int, workers: list[int] | in
                 pool = pools[w]
                 pids = pool.pids() or [os.getpid()]
                 c0, d0, t0 = _cpu_seconds(pids), pool.tiles_decoded, time.perf_counter()
-                stream = pool.submit(specs[w], origins, batches, stripe_px=_stripe(s, level, r))
+                stream = pool.submit(specs[w], origins, batches, stripe_px=_stripe(s, level, r, w, origins))
                 n = 0
                 for i in range(len(stream)):
                     n += int(stream.get(i).shape[0])
@@ -272,7 +274,7 @@ class GpuBusy:
         exe = shutil.which("nvidia-smi")
         if exe and torch.cuda.is_available():
             self._proc = subprocess.Popen([exe, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                           f"-i={self.index}", f"-lms={self.every_ms}"],
+                                           f"--id={self.index}", f"--loop-ms={self.every_ms}"],
                                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             self._thread = threading.Thread(target=self._read, daemon=True)
             self._thread.start()

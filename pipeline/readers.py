@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import math
 import mmap
 import os
 import signal
@@ -122,6 +123,31 @@ def cut_patches(slide: Any, spec: ReadSpec, origins: np.ndarray, out: np.ndarray
             else:
                 cv2.resize(crop, (p, p), dst=dst, interpolation=interp)
         i = j
+
+
+def stripe_width(level_width: int, read_px: int, workers: int, tile_w: int | None = None,
+                 step: int | None = None) -> int:
+    """Column-stripe width (level pixels) that splits batches into units: about ``STRIPE_PATCHES``
+    patches wide, narrower (down to 4 patches) when there are more processes than stripes across the
+    level, so each process can keep a stripe of its own (one stripe, the whole width, for one process). With tiles, a multiple of the tile width, and
+    when possible of lcm(tile width, grid step) (1,792 px for 448 px patches on 256 px tiles): stripe
+    borders then fall where a patch starts on a tile border, and neighbouring units share no tile."""
+    if workers <= 1:  # one process reads every batch row by row: no need to split
+        return int(max(level_width, read_px) + read_px)
+    across = max(1.0, level_width / max(1, read_px))
+    want = min(float(STRIPE_PATCHES), max(4.0, across / max(1, workers))) * read_px
+    unit = int(tile_w or 1)
+    if tile_w and step and step >= read_px:
+        aligned = math.lcm(int(tile_w), int(step))
+        if aligned <= 8 * read_px:
+            unit = aligned
+    return int(max(unit, round(want / unit) * unit))
+
+
+def grid_step(origins: np.ndarray) -> int | None:
+    """Spacing of the patch columns (level pixels), or None with fewer than two columns."""
+    xs = np.unique(np.asarray(origins)[:, 0]) if len(origins) else np.zeros(0)
+    return int(np.gcd.reduce(np.diff(xs))) if len(xs) > 1 else None
 
 
 def _shared_file(size: int) -> int:

@@ -25,6 +25,7 @@ cross a chunk boundary).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -41,7 +42,7 @@ import torch
 
 from .. import __version__
 from ..provenance import provenance, sha256_file
-from ..readers import ReaderPool, ReadSpec, level_origins
+from ..readers import ReaderPool, ReadSpec, grid_step, level_origins, stripe_width
 from ..slide import Slide, SlideError
 from ..store import SCHEMA_VERSION, BagWriter, model_tag
 from .encoders import Encoder, create_encoder
@@ -241,14 +242,23 @@ class _AsyncWriter:
             self.thread.join()
 
 
-def _tile_cache_bytes(tiles: Any, level: int, workers: int) -> int | None:
-    """Decoded-tile cache per reader process: three tile rows of the level shared out among the
-    processes (each reads about its own columns), 32-512 MiB."""
+def _tile_cache_bytes(tiles: Any, level: int, workers: int, origins: np.ndarray | None = None,
+                      batches: list[tuple[int, int]] | None = None, read_px: int = 0) -> int | None:
+    """Decoded-tile cache of each reader process: the tile rows a process revisits (3 when one
+    process reads every batch row by row; a batch's tile rows + 2 when processes keep column stripes
+    of consecutive batches) across its share of the level's width (2/processes, with a margin),
+    32-512 MiB. Sized from the slide's width and the batch, never its area."""
     if not tiles or not tiles.supports(level):
         return None
     L = tiles.levels[level]
     row = L.ntx * L.tw * L.th * 3
-    return int(min(max(3 * row * min(1.0, 2.0 / max(1, workers)), 32 << 20), 512 << 20))
+    rows = 3
+    if workers > 1 and origins is not None and batches:
+        ys = np.asarray(origins)[:, 1].astype(np.int64)
+        span = max(int((ys[a:b].max() + read_px - 1) // L.th - ys[a:b].min() // L.th + 1)
+                   for a, b in batches if b > a)
+        rows = span + 2
+    return int(min(max(rows * row * min(1.0, 2.0 / max(1, workers)), 32 << 20), 512 << 20))
 
 
 class _SlideRun:
@@ -287,8 +297,7 @@ class _SlideRun:
         self.decoder = "nvjpeg" if self.gpu_decode["used"] else slide.decoder(level)
         self.resize_to = ps if (on_device or self.gpu_decode["used"]) else None
         self.spec = ReadSpec(str(slide.path), slide.reader, float(slide.mpp), level, r, ps,
-                             resize=self.resize_to is None,
-                             cache_bytes=_tile_cache_bytes(tiles, level, pool.workers))
+                             resize=self.resize_to is None)
         self.resize = dev.resize_method(r, ps) if self.resize_to else self.spec.resize_method
         self.paths = {"device": device.type, "decoder": self.decoder, "resize": self.resize,
                       "weights_dtype": weights_dtype}
@@ -302,12 +311,14 @@ class _SlideRun:
         m = self.n - self.start
         self.batches = [(a, min(a + self.bs, m)) for a in range(0, m, self.bs)]
         origins = level_origins(self.coords[self.start:], float(self.plan["level_downsample"]))
+        self.spec = dataclasses.replace(self.spec, cache_bytes=_tile_cache_bytes(
+            tiles, level, pool.workers, origins, self.batches, r))
         self.t0 = time.monotonic()
         if self.gpu_decode["used"]:
             self.source: Any = dev.JpegTileSource(tiles, level, origins, self.batches, r, device)
         else:
-            tw = tiles.levels[level].tw if tiles and tiles.supports(level) else 256
-            stripe = tw * max(1, round(16 * r / tw))  # tile-aligned column stripes ~16 patches wide
+            tw = tiles.levels[level].tw if tiles and tiles.supports(level) else None
+            stripe = stripe_width(slide.level_dimensions[level][0], r, pool.workers, tw, grid_step(origins))
             self.source = pool.submit(self.spec, origins, self.batches, stripe_px=stripe)  # reading starts now
 
     def close(self) -> None:
