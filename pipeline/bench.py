@@ -9,8 +9,9 @@
 
 ``read`` times the reader pool (processes started beforehand, as in extraction, where the pool outlives
 slides) for every worker count given, alternating counts across ``--repeats`` rounds and keeping the best
-of each, and reports the scaling between the first and the others, plus the readers' CPU time per patch
-(which load from other work on the machine does not inflate as much as wall time). It also runs the
+of each, and reports the scaling between the first and the others, plus the readers' CPU time per patch,
+the JPEG tiles they decoded per patch and the fraction of the time they were reading rather than waiting
+for work (near 1: the readers are the bottleneck, so throughput follows the CPU they get). It also runs the
 common baseline in the same run (one ``openslide.read_region`` per patch, PIL resize, float normalisation
 in DataLoader worker processes, as many workers as the largest count) and reports the ratio.
 ``model`` runs the encoder on random uint8 patches in host memory, as extraction does (copy to the device,
@@ -146,7 +147,7 @@ def bench_read(slide: str, target_mpp: float, size: int, workers: list[int] | in
     origins = level_origins(coords, plan["level_downsample"])
     batches = [(a, min(a + batch_size, len(origins))) for a in range(0, len(origins), batch_size)]
     tiles = s.tiled_jpeg()
-    pools, specs, start_s, best, cpu, decoded = {}, {}, {}, {}, {}, {}
+    pools, specs, start_s, best, cpu, decoded, busy, main_cpu = {}, {}, {}, {}, {}, {}, {}, {}
     try:
         for w in counts:
             t0 = time.perf_counter()
@@ -161,7 +162,8 @@ def bench_read(slide: str, target_mpp: float, size: int, workers: list[int] | in
             for w in counts:
                 pool = pools[w]
                 pids = pool.pids() or [os.getpid()]
-                c0, d0, t0 = _cpu_seconds(pids), pool.tiles_decoded, time.perf_counter()
+                c0, d0, b0, t0 = _cpu_seconds(pids), pool.tiles_decoded, pool.busy_s, time.perf_counter()
+                m0 = time.process_time()
                 stream = pool.submit(specs[w], origins, batches, stripe_px=_stripe(s, level, r, w, origins))
                 n = 0
                 for i in range(len(stream)):
@@ -169,10 +171,13 @@ def bench_read(slide: str, target_mpp: float, size: int, workers: list[int] | in
                     stream.release(i)
                 stream.close()
                 dt, dc = time.perf_counter() - t0, _cpu_seconds(pids) - c0
+                dm = time.process_time() - m0
                 if n / dt > best.get(w, 0.0):
                     best[w] = n / dt
                     cpu[w] = dc / max(n, 1) * 1000
                     decoded[w] = (pool.tiles_decoded - d0) / max(n, 1)
+                    busy[w] = (pool.busy_s - b0) / (dt * w) if w else math.nan
+                    main_cpu[w] = dm / max(n, 1) * 1000
     finally:
         for pool in pools.values():
             pool.close()
@@ -181,6 +186,8 @@ def bench_read(slide: str, target_mpp: float, size: int, workers: list[int] | in
            "workers": top, "by_workers": {str(w): {"patches_per_s": round(best[w], 1),
                                                    "reader_cpu_ms_per_patch": round(cpu[w], 3),
                                                    "tiles_decoded_per_patch": round(decoded[w], 2),
+                                                   "reader_busy_fraction": round(busy[w], 3),
+                                                   "main_cpu_ms_per_patch": round(main_cpu[w], 3),
                                                    "pool_start_s": start_s[w]} for w in counts},
            "repeats": max(1, repeats), "resize": "cpu-cv2" if resize == "cpu" else "none (device)",
            "target_mpp": target_mpp, "size": size, "read_plan": plan, "batches": len(batches),
@@ -610,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--size", type=int, default=224)
     r.add_argument("--workers", type=_workers_list, default=[1, 2],
                    help="reader process counts to compare, e.g. 1,2 (scaling is reported against the first)")
-    r.add_argument("--max-patches", type=int, default=2000)
+    r.add_argument("--max-patches", type=int, default=2000, help="first N patches of the grid (0: all)")
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--repeats", type=int, default=1)
     r.add_argument("--resize", choices=["cpu", "device"], default="cpu",

@@ -211,9 +211,9 @@ def _worker_main(conn_fd: int, mem_fd: int, n_slots: int, slot_bytes: int) -> No
                     out = buf[slot * slot_bytes:slot * slot_bytes + cap * spec.patch_bytes].reshape(
                         cap, spec.out_px, spec.out_px, 3)
                     tiles = slide.tiled_jpeg()
-                    before = tiles.decoded if tiles else 0
+                    before, t0 = (tiles.decoded if tiles else 0), time.perf_counter()
                     cut_patches(slide, spec, origins, out, positions)
-                    reply = ("done", task, (tiles.decoded if tiles else 0) - before)
+                    reply = ("done", task, (tiles.decoded if tiles else 0) - before, time.perf_counter() - t0)
                 except Exception as exc:  # noqa: BLE001 - reported to the parent, per slide
                     reply = ("error", task, f"{type(exc).__name__}: {exc}")
                 try:
@@ -327,6 +327,7 @@ class ReaderPool:
         self._closed = False
         self.pinned = False  # set by the consumer when the slots are registered with CUDA
         self.tiles_decoded = 0  # JPEG tiles decoded by the readers so far (direct decoder only)
+        self.busy_s = 0.0  # wall seconds the readers spent reading (not waiting for work), summed
         self.started_s = 0.0
         if slot_bytes:
             self.reserve(slot_bytes)
@@ -514,6 +515,7 @@ class ReaderPool:
                     msg = conn.recv()
                     if msg[0] == "done":
                         self.tiles_decoded += msg[2]
+                        self.busy_s += msg[3]
                         self._finish(msg[1], None)
                     elif msg[0] == "error":
                         self._finish(msg[1], msg[2])

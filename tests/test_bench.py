@@ -21,7 +21,8 @@ def test_bench_modes_report_json(tmp_path, capsys, one_torch_thread):
     r = _run(capsys, ["read", "--slide", slide, "--target-mpp", "0.5", "--size", "224", "--workers", "1,2"])
     assert r["mode"] == "read" and r["patches"] > 0 and r["patches_per_s"] > 0
     assert set(r["by_workers"]) == {"1", "2"} and r["scaling"]["2/1"] > 0
-    assert all(v["patches_per_s"] > 0 and v["tiles_decoded_per_patch"] > 0 for v in r["by_workers"].values())
+    assert all(v["patches_per_s"] > 0 and v["tiles_decoded_per_patch"] > 0 and 0 < v["reader_busy_fraction"] <= 1.5
+               for v in r["by_workers"].values())
     assert r["baseline_patches_per_s"] > 0 and r["ratio_vs_baseline"] > 0
     assert r["read_plan"]["patch_size_level0_px"] == 448
     m = _run(capsys, ["model", "--model", "test_resnet", "--size", "64", "--batch-size", "8", "--device", "cpu",
