@@ -334,6 +334,10 @@ def bench_extract(slides: list[str], model: str, target_mpp: float, size: int, b
     pool = ReaderPool(workers)
     t0 = time.perf_counter()
     pool.reserve(slot_bytes(jobs, p, dev))
+    if dev.type == "cuda":
+        from .features.device import register_host_memory
+
+        pool.pin(register_host_memory)
     if workers:
         pool.wait_ready()
     pool_start = time.perf_counter() - t0

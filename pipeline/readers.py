@@ -325,7 +325,7 @@ class ReaderPool:
         self._tasks: dict[int, tuple[Stream, int, _Worker, int]] = {}
         self._next_key = self._next_task = 0
         self._closed = False
-        self.pinned = False  # set by the consumer when the slots are registered with CUDA
+        self._unpin: Any = None  # undoes a registration of the slots with CUDA (see :meth:`pin`)
         self.tiles_decoded = 0  # JPEG tiles decoded by the readers so far (direct decoder only)
         self.busy_s = 0.0  # wall seconds the readers spent reading (not waiting for work), summed
         self.started_s = 0.0
@@ -338,6 +338,18 @@ class ReaderPool:
     def memory(self) -> mmap.mmap | None:
         """The shared slots (one mapping of ``n_slots * slot_bytes`` bytes), e.g. to pin it for CUDA."""
         return self._mem
+
+    @property
+    def pinned(self) -> bool:
+        return self._unpin is not None
+
+    def pin(self, register: Any) -> bool:
+        """Register the slots for fast device copies with ``register(memory) -> undo or None`` (e.g.
+        :func:`pipeline.features.device.register_host_memory`), once; undone when the slots are
+        unmapped (:meth:`close`, or growing them). Returns whether the slots are pinned."""
+        if self._mem is not None and self._unpin is None:
+            self._unpin = register(self._mem)
+        return self.pinned
 
     def reserve(self, slot_bytes: int) -> None:
         """Make slots hold at least ``slot_bytes`` (grows, restarting the readers, only while idle)."""
@@ -645,6 +657,9 @@ class ReaderPool:
         self._tasks.clear()
 
     def _unmap(self) -> None:
+        if self._unpin is not None:
+            self._unpin()
+            self._unpin = None
         self._buf = None
         if self._mem is not None:
             try:

@@ -43,7 +43,7 @@ class TiledJpegReader:
 
         import tifffile
 
-        self._lock = threading.Lock()  # the tile cache is shared by reader threads
+        self._lock = threading.Lock()  # thread-safe (a decoder thread may share the reader)
 
         self.path = str(path)
         self.levels: dict[int, _Level] = {}

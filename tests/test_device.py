@@ -187,12 +187,11 @@ def test_cuda_pinned_shared_memory():
     from pipeline.readers import ReaderPool
 
     with ReaderPool(1, slot_bytes=1 << 20) as pool:
-        unpin = dv.register_host_memory(pool.memory)
-        assert unpin is not None
-        view = pool._buf[: 1 << 20]
-        t = torch.from_numpy(view)
+        assert pool.pin(dv.register_host_memory) and pool.pinned
+        t = torch.from_numpy(pool._buf[: 1 << 20])
         assert t.is_pinned()
         t.to("cuda", non_blocking=True)
         torch.cuda.synchronize()
-        unpin()
+        del t
+    assert not pool.pinned  # unregistered when the memory went
 

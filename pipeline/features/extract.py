@@ -446,7 +446,6 @@ def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, st
     wdtype = prepare_encoder(encoder, device)
     own_pool = pool is None
     pool = pool if pool is not None else ReaderPool(int(p["num_workers"]))
-    unpin = None
     runs: list[_SlideRun] = []  # every prepared slide, closed at the end whatever happens
     pending = None  # the previous slide's writer, finishing while the next slide is encoded
 
@@ -472,8 +471,7 @@ def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, st
         if device.type == "cuda":
             from .device import register_host_memory
 
-            unpin = register_host_memory(pool.memory)
-            pool.pinned = unpin is not None
+            pool.pin(register_host_memory)  # pinned until the pool's memory goes (close or growth)
         nxt = prepare(jobs[0])
         for i in range(len(jobs)):
             cur = nxt
@@ -499,11 +497,8 @@ def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, st
             pending.close()  # interrupted: let the queued writes land (a rerun resumes after them)
         for run in runs:
             run.close()
-        if unpin is not None:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            unpin()
-            pool.pinned = False
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # no copy from the slots in flight past this point
         if own_pool:
             pool.close()
     if errors:
