@@ -74,9 +74,11 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "weights": None,  # local weights file (safetensors or torch checkpoint)
         "seed": 0,  # seed of the random init when neither weights nor pretrained is set
         "batch_size": 64,
-        "num_workers": 2,  # patch-reader threads
+        "num_workers": 2,  # patch-reader processes (0: read in the job's own process)
         "device": "auto",  # auto | cpu | cuda | cuda:N
         "chunk_rows": 1024,  # rows per Zarr chunk; rounded up to a multiple of batch_size
+        "resize": "auto",  # auto (on the device with CUDA, else cpu) | cpu (readers, OpenCV INTER_AREA) | device
+        "gpu_decode": False,  # decode JPEG tiles on the GPU (nvJPEG); checked, CPU readers as fallback
         "slides_per_job": 16,  # slides encoded by one feature job (one encoder start per job)
     },
     "mil": {
@@ -137,6 +139,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("", "reader"): READERS,
     ("", "on_slide_error"): ("skip", "fail"),
+    ("features", "resize"): ("auto", "cpu", "device"),
     ("mil", "task"): ("auto", "classification", "survival", "regression"),
     ("mil", "balance"): ("loss", "sampler", "none"),
     ("mil", "survival_loss"): ("nll", "cox"),
@@ -237,6 +240,11 @@ def _features(p: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"features parameter 'device' must be auto, cpu, cuda or cuda:N, not {p['device']!r}")
     if p["weights"] and p["pretrained"]:
         raise ConfigError("set either features.weights (local file) or features.pretrained, not both")
+    _choice("features", "resize", p["resize"])
+    if not isinstance(p["gpu_decode"], bool):
+        raise ConfigError(f"features parameter 'gpu_decode' must be true or false, not {p['gpu_decode']!r}")
+    if p["gpu_decode"] and p["resize"] == "cpu":
+        raise ConfigError("features.gpu_decode needs resize: device or auto (decoded tiles stay on the GPU)")
     return p
 
 

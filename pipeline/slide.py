@@ -143,6 +143,8 @@ class Slide:
     _handle: Any = field(repr=False)
     slide_id: str = ""
     _tiles: Any = field(default=None, repr=False)  # TiledJpegReader, False (not applicable) or None (unknown)
+    #: Size of the direct reader's decoded-tile cache (None: from the slide's width); set before reading.
+    tile_cache_bytes: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.slide_id = self.slide_id or slide_id_from_path(self.path)
@@ -231,8 +233,12 @@ class Slide:
         if self._tiles is None:
             from .tiles import open_tiled_jpeg
 
-            self._tiles = open_tiled_jpeg(self.path, self.level_dimensions) or False
+            self._tiles = open_tiled_jpeg(self.path, self.level_dimensions, self.tile_cache_bytes) or False
         return self._tiles
+
+    def tiled_jpeg(self) -> Any:
+        """The direct tiled-JPEG reader (:class:`pipeline.tiles.TiledJpegReader`) or None."""
+        return self._direct() or None
 
     def decoder(self, level: int) -> str:
         """Which decoder :meth:`read_level_region` uses for ``level`` (recorded in provenance)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pipeline.bench import main
 from pipeline.synthetic import make_slide
 
@@ -14,18 +16,25 @@ def _run(capsys, argv):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_bench_modes_report_json(tmp_path, capsys):
+def test_bench_modes_report_json(tmp_path, capsys, one_torch_thread):
     slide = str(make_slide(tmp_path / "s.svs", width=2048, height=1536, mpp=0.25, seed=2, positive=True)["path"])
-    r = _run(capsys, ["read", "--slide", slide, "--target-mpp", "0.5", "--size", "224", "--workers", "2"])
+    r = _run(capsys, ["read", "--slide", slide, "--target-mpp", "0.5", "--size", "224", "--workers", "1,2"])
     assert r["mode"] == "read" and r["patches"] > 0 and r["patches_per_s"] > 0
+    assert set(r["by_workers"]) == {"1", "2"} and r["scaling"]["2/1"] > 0
+    assert all(v["patches_per_s"] > 0 and v["tiles_decoded_per_patch"] > 0 and 0 < v["reader_busy_fraction"] <= 1.5
+               for v in r["by_workers"].values())
     assert r["baseline_patches_per_s"] > 0 and r["ratio_vs_baseline"] > 0
     assert r["read_plan"]["patch_size_level0_px"] == 448
     m = _run(capsys, ["model", "--model", "test_resnet", "--size", "64", "--batch-size", "8", "--device", "cpu",
                       "--seconds", "0.5"])
-    assert m["mode"] == "model" and m["patches_per_s"] > 0 and m["device"] == "cpu"
+    assert m["mode"] == "model" and m["patches_per_s"] > 0 and m["device"] == "cpu" and not m["ceiling"]
+    c = _run(capsys, ["model", "--model", "test_resnet", "--size", "64", "--batch-size", "8", "--device", "cpu",
+                      "--seconds", "0.5", "--ceiling"])
+    assert c["ceiling"] and c["weights_dtype"] == "fp32" and c["patches_per_s"] > 0
     e = _run(capsys, ["extract", "--slide", slide, slide, "--model", "test_resnet", "--target-mpp", "2.0",
-                      "--size", "64", "--batch-size", "8", "--device", "cpu", "--workers", "1"])
-    assert e["mode"] == "extract" and e["patches"] > 0 and e["ratio_vs_model"] > 0
+                      "--size", "64", "--batch-size", "8", "--device", "cpu", "--workers", "1", "--model-seconds", "0.5"])
+    assert e["mode"] == "extract" and e["patches"] > 0 and e["ratio_vs_model"] > 0 and e["ratio_vs_ceiling"] > 0
+    assert e["decoder"] == ["tiled-jpeg-direct"] and e["resize"] == ["cpu-cv2-inter_area"]
 
 
 def test_bench_slide_reports_time_and_memory(tmp_path, capsys):
@@ -34,3 +43,13 @@ def test_bench_slide_reports_time_and_memory(tmp_path, capsys):
     assert r["mode"] == "slide" and r["flavour"] == "svs" and r["width"] == 768 and r["mpp"] == 0.25
     assert out.exists() and r["file_mb"] > 0 and r["seconds"] >= 0
     assert r["peak_rss_mb"] >= r["rss_before_mb"] > 0
+
+
+
+def test_gpu_suite_needs_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the suite is a benchmark, run by hand (docs/benchmarks.md)")
+    with pytest.raises(SystemExit, match="CUDA"):
+        main(["gpu-suite", "--workdir", str(tmp_path)])

@@ -56,6 +56,10 @@ def test_bag_schema_and_values(slide_and_grid, tmp_path):
     # target 1.0 on a 0.5 scan needs 2x: level 0 (ds 1) is read at 256 px and resized to 128
     plan = a["provenance"]["read_plan"]
     assert (plan["level"], plan["read_size_px"], plan["patch_size_level0_px"]) == (0, 256, 256)
+    prov = a["provenance"]
+    assert (prov["decoder"], prov["resize"], prov["weights_dtype"]) == ("tiled-jpeg-direct", "cpu-cv2-inter_area",
+                                                                         "fp32")
+    assert prov["gpu_decode"] == {"requested": False, "used": False} and prov["reader_processes"] == 0
 
 
 def test_same_inputs_bit_identical_and_resume_after_crash(slide_and_grid, tmp_path, monkeypatch):
@@ -110,6 +114,43 @@ def test_workers_give_same_features(slide_and_grid, tmp_path):
     _extract(path, grid, gpath, tmp_path / "a.zarr")
     _extract(path, grid, gpath, tmp_path / "b.zarr", dict(SETTINGS, num_workers=2))
     np.testing.assert_array_equal(read_bag(tmp_path / "a.zarr").features, read_bag(tmp_path / "b.zarr").features)
+
+
+def test_many_slides_share_one_pool_and_a_failure_stays_per_slide(slide_and_grid, tmp_path, monkeypatch):
+    """extract_slides: the reader processes are started once for all slides (the next slide is read while
+    the current one is encoded); a broken slide is reported, the others complete, the error is raised
+    at the end; bags equal single-slide runs bit for bit."""
+    import shutil
+
+    from pipeline.readers import ReaderPool
+
+    path, grid, gpath = slide_and_grid
+    bad = tmp_path / "bad.svs"
+    shutil.copy(path, bad)
+    spawned = []
+    real_spawn = ReaderPool._spawn
+
+    def spawn(self, index):
+        w = real_spawn(self, index)
+        spawned.append(w.proc.pid)
+        return w
+
+    monkeypatch.setattr(ReaderPool, "_spawn", spawn)
+    settings = dict(SETTINGS, num_workers=2)
+    with open_slide(path) as s1, open_slide(bad) as s2, open_slide(path) as s3:
+        src = bad.read_bytes()
+        with open(bad, "r+b") as fh:  # tile data gone after opening
+            fh.truncate(len(src) // 4)
+        jobs = [(s1, grid, gpath, tmp_path / "1.zarr"), (s2, grid, gpath, tmp_path / "2.zarr"),
+                (s3, grid, gpath, tmp_path / "3.zarr")]
+        with pytest.raises(Exception) as exc:
+            ex.extract_slides(jobs, settings)
+    assert str(bad) in str(exc.value)
+    assert len(spawned) == 2  # one pool of 2 reader processes for the three slides
+    assert not (tmp_path / "2.zarr").exists()
+    _extract(path, grid, gpath, tmp_path / "ref.zarr")
+    for k in ("1", "3"):
+        np.testing.assert_array_equal(read_bag(tmp_path / f"{k}.zarr").features, read_bag(tmp_path / "ref.zarr").features)
 
 
 def test_local_weights_file_sha256_recorded(slide_and_grid, tmp_path):

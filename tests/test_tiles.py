@@ -1,14 +1,22 @@
-"""The direct tiled-JPEG decoder must give exactly OpenSlide's pixels, and step aside when it cannot."""
+"""The direct tiled-JPEG decoder must give exactly OpenSlide's pixels, and step aside when it cannot; tiles
+made standalone (JPEGTables spliced in, RGB-coded tiles marked) decode to the same pixels elsewhere."""
 
 from __future__ import annotations
 
+import io
+
+import cv2
 import numpy as np
 import pytest
 import tifffile
+import torch
 
+from pipeline.bench import abbreviated_jpeg_tiff
 from pipeline.slide import SlideError, open_slide
 from pipeline.synthetic import make_slide
-from pipeline.tiles import open_tiled_jpeg
+from pipeline.tiles import ADOBE_RGB, jpeg_segments, open_tiled_jpeg, standalone_jpeg
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +70,61 @@ def test_truncated_file_is_a_slide_error(tmp_path, slides):
         with pytest.raises(SlideError) as exc:
             s.read_level_region(0, W // 2, H - 300, 256, 256)
         assert str(p) in str(exc.value)
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(0)
+    return cv2.GaussianBlur(rng.integers(0, 255, (700, 900, 3), dtype=np.uint8), (0, 0), 3)
+
+
+@pytest.fixture(scope="module")
+def abbreviated(tmp_path_factory, image):
+    """Aperio-style files: abbreviated tiles + JPEGTables; RGB-coded with YCbCr-like component ids."""
+    d = tmp_path_factory.mktemp("abbrev")
+    return {"rgb": abbreviated_jpeg_tiff(d / "rgb.tif", image, rgb=True),
+            "ycbcr": abbreviated_jpeg_tiff(d / "ycbcr.tif", image, rgb=False)}
+
+
+def test_jpeg_segments_and_splicing():
+    img = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    import imagecodecs
+
+    full = imagecodecs.jpeg8_encode(img, level=90)
+    head, scan = jpeg_segments(full)
+    assert [m for m, _ in head][:1] == [0xE0] and scan[:2] == b"\xff\xda" and scan[-2:] == b"\xff\xd9"
+    tables = b"\xff\xd8" + b"".join(s for m, s in head if m in (0xDB, 0xC4)) + b"\xff\xd9"
+    abbrev = b"\xff\xd8" + b"".join(s for m, s in head if m not in (0xDB, 0xC4)) + scan
+    with pytest.raises(Exception):
+        imagecodecs.jpeg8_decode(abbrev)  # no tables: not decodable on its own
+    np.testing.assert_array_equal(imagecodecs.jpeg8_decode(standalone_jpeg(abbrev, tables)),
+                                  imagecodecs.jpeg8_decode(full))
+    rgb = standalone_jpeg(abbrev, tables, rgb=True)
+    assert rgb.startswith(b"\xff\xd8" + ADOBE_RGB) and b"JFIF" not in rgb
+    with pytest.raises(ValueError, match="SOI"):
+        jpeg_segments(b"not a jpeg")
+
+
+@pytest.mark.parametrize("kind", ["rgb", "ycbcr"])
+def test_standalone_tiles_decode_like_openslide(abbreviated, image, kind):
+    """Aperio layout: the direct reader equals OpenSlide, and the spliced standalone tile decodes to the
+    same pixels with PIL and torchvision; an RGB-coded tile without the Adobe marker would not."""
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with open_slide(abbreviated[kind], reader="openslide") as s:
+        tiles = s.tiled_jpeg()
+        assert tiles.levels[0].colorspace == ("RGB" if kind == "rgb" else "YCBCR")
+        assert tiles.levels[0].tables
+        np.testing.assert_array_equal(s.read_level_region(0, 0, 0, 900, 700), s.read_region(0, 0, 0, 900, 700))
+        assert np.abs(s.read_level_region(0, 0, 0, 900, 700).astype(int) - image).mean() < 5  # right colours
+        for tx, ty in ((0, 0), (1, 1), (3, 2)):
+            ref = tiles._tile(0, tx, ty)
+            data = tiles.standalone_tile(0, tx, ty)
+            np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), ref)
+            t = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            np.testing.assert_array_equal(t.permute(1, 2, 0).numpy(), ref)
+        if kind == "rgb":
+            raw = standalone_jpeg(tiles.raw_tile(0, 1, 1), tiles.levels[0].tables, rgb=False)
+            wrong = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")).astype(int)
+            assert np.abs(wrong - tiles._tile(0, 1, 1)).mean() > 10  # read as YCbCr: wrong colours

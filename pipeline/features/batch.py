@@ -83,8 +83,9 @@ def weights_identity(settings: dict[str, Any]) -> Any:
 
 def cache_key(content: str, grid_path: str | os.PathLike, settings: dict[str, Any], weights: Any) -> str:
     """The key a bag must carry to be reused: slide content, grid, settings, weights and stage version.
-    Settings that do not change the features (batch size, reader workers, device, batching) are left out."""
-    keep = {k: v for k, v in settings.items() if k not in ("batch_size", "num_workers", "device", "slides_per_job")}
+    Settings that do not change the features (batch size, reader processes, batching) are left out; the
+    device, resize path and decoder stay in (CUDA bf16 features differ slightly from CPU fp32 ones)."""
+    keep = {k: v for k, v in settings.items() if k not in ("batch_size", "num_workers", "slides_per_job")}
     rec = {"content": content, "grid": sha256_file(grid_path), "settings": keep, "weights": weights,
            "stage_version": STAGE_VERSIONS["features"], "pipeline": __version__}
     return hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()
@@ -215,8 +216,8 @@ def _encode(todo: list[SlideJob], p: dict[str, Any], *, reader: str, default_mpp
     from ..slide import SlideError, open_slide
     from .extract import extract_slides
 
-    if threads:
-        torch.set_num_threads(max(1, threads))
+    if threads:  # the job's CPUs: the reader processes take num_workers of them, the model the rest
+        torch.set_num_threads(max(1, int(threads) - int(p["num_workers"])))
     if p["device"] in ("auto", "cuda") and torch.cuda.is_available():
         device, _held = claim_device(p["device"], torch.cuda.device_count())
         if device != p["device"]:

@@ -1,23 +1,38 @@
 """Feature extraction: the patches of one slide's grid through an encoder into a Zarr bag.
 
-Patches are read in runs of adjacent patches (one region read per run, via the direct tiled-JPEG
-decoder where the file allows it) and resized by reader threads that share one slide handle and one
-decoded-tile cache; JPEG decoding and resizing release the GIL, so threads scale without any pickling or
-inter-process copies. uint8 arrays are handed to the device (pinned memory, asynchronous copy on CUDA);
-conversion to float, normalisation and the model run on the device (CUDA with bf16 autocast when
-available, CPU otherwise) under ``torch.inference_mode``. The next slide's readers start while the
-current slide is being encoded (:func:`extract_slides`). Features are
-written chunk by chunk into a partial bag (:class:`pipeline.store.BagWriter`), so memory does not
-grow with slide size and a killed job resumes from its last finished chunk.
+Reading (:mod:`pipeline.readers`): ``num_workers`` reader *processes*, each with its own file handles
+and decoded-tile cache, cut patches from tile-aligned regions (direct libjpeg-turbo decoding of tiled
+JPEG TIFFs where the file allows it, OpenSlide/tiffslide otherwise) and write them as uint8 blocks into
+a ring of shared-memory slots, one batch per slot; only small control messages are pickled. The pool
+outlives slides: :func:`extract_slides` submits the next slide while the current one is being encoded,
+so reading never stops between slides, and reuses the same processes for every slide.
+
+CPU path (exactly as before): readers resize with OpenCV ``INTER_AREA``; the model runs in fp32.
+Bit-identical run to run, whatever ``num_workers``, and pixel-identical to OpenSlide.
+
+CUDA path: readers hand over patches at read size, copied asynchronously from pinned shared memory;
+resize (:func:`pipeline.features.device.resize_area`), normalisation and the model run on the device,
+the model's weights cast to its precision (bf16 for the presets) and run under autocast; features come
+back by asynchronous copies into pinned buffers that a writer thread waits for and writes into the bag,
+so the host never waits for the device per batch. Optionally (``gpu_decode``) the JPEG tiles are decoded
+on the device with nvJPEG, checked against the CPU decoder first (CPU fallback otherwise). Every bag
+records which decoder and resize path made it.
+
+Features are written chunk by chunk into a partial bag (:class:`pipeline.store.BagWriter`), so memory
+does not grow with slide size and a killed job resumes from its last finished chunk (batches never
+cross a chunk boundary).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,10 +41,11 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..config import model_tag, resolve
 from ..files import sha256_file
 from ..provenance import provenance
-from ..slide import Slide, SlideChangedError, SlideError, open_slide, slide_stamp
-from ..config import model_tag, resolve
+from ..readers import ReaderPool, ReadSpec, grid_step, level_origins, stripe_width
+from ..slide import Slide, SlideChangedError, SlideError, slide_stamp
 from ..store import SCHEMA_VERSION, BagWriter, write_bag
 from . import create_encoder
 from .encoders import Encoder
@@ -49,120 +65,15 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def plan_runs(coords: np.ndarray, size0: int, max_run: int = 16, boundaries: int = 0) -> list[tuple[int, int]]:
-    """Split grid rows into runs of horizontally adjacent patches (same y, x increasing by at most the
-    patch size) that are read with one ``read_region`` call. Runs never cross a multiple of
-    ``boundaries`` (the chunk size), so a resumed extraction reads exactly the same runs."""
-    runs: list[tuple[int, int]] = []
-    n = int(coords.shape[0])
-    i = 0
-    while i < n:
-        j = i + 1
-        while (j < n and j - i < max_run and coords[j, 1] == coords[i, 1]
-               and 0 < coords[j, 0] - coords[j - 1, 0] <= size0 and not (boundaries and j % boundaries == 0)):
-            j += 1
-        runs.append((i, j))
-        i = j
-    return runs
-
-
-class RunReader:
-    """Item ``k`` = run ``k`` of patches as one uint8 tensor (n, P, P, 3), read with a single region read
-    per run. Thread-safe: reader threads (:class:`Prefetcher`) share one instance, hence one slide handle
-    and one decoded-tile cache; JPEG decoding and resizing release the GIL, and arrays are handed over in
-    memory (no pickling, no IPC).
-
-    Each patch's pixels are ``level[round(y/ds):+r, round(x/ds):+r]`` resized to P x P, whatever run it
-    falls in: regions start on the level's own pixel grid, so grouping never shifts a patch.
-    """
-
-    def __init__(self, slide_path: str, reader: str, mpp: float, coords: np.ndarray, plan: dict[str, Any],
-                 runs: list[tuple[int, int]]):
-        self.slide_path, self.reader, self.mpp = slide_path, reader, mpp
-        self.coords = np.asarray(coords, dtype=np.int64)
-        self.plan, self.runs = plan, runs
-        self._slide = open_slide(self.slide_path, reader=self.reader, mpp=self.mpp)
-
-    def __len__(self) -> int:
-        return len(self.runs)
-
-    def close(self) -> None:
-        self._slide.close()
-
-    def __getitem__(self, k: int) -> torch.Tensor:
-        import cv2
-
-        a, b = self.runs[k]
-        level, ds = int(self.plan["level"]), float(self.plan["level_downsample"])
-        p, r = int(self.plan["patch_size_px"]), int(self.plan["read_size_px"])
-        lx = np.rint(self.coords[a:b, 0] / ds).astype(np.int64)  # patch origins in level pixels
-        ly = int(np.rint(self.coords[a, 1] / ds))
-        x0 = int(lx[0])
-        width = int(lx[-1] - x0 + r)
-        region = self._slide.read_level_region(level, x0, ly, width, r)
-        out = np.empty((b - a, p, p, 3), dtype=np.uint8)
-        interp = cv2.INTER_AREA if r > p else cv2.INTER_LINEAR
-        for i, x in enumerate(lx - x0):
-            crop = region[:, x:x + r]
-            out[i] = crop if r == p else cv2.resize(crop, (p, p), interpolation=interp)
-        return torch.from_numpy(out)
-
-
-class Prefetcher:
-    """Reads runs ``0..n-1`` with ``workers`` threads, at most ``depth`` runs ahead, and yields them in
-    order. Reading starts on construction, so a slide's prefetcher created early (the next slide) fills
-    while the current slide is being encoded. ``workers=0`` reads in the consuming thread."""
-
-    def __init__(self, reader, n_items: int, workers: int, depth: int | None = None, pin: bool = False):
-        import collections
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.n, self.next_submit, self.workers, self.pin = n_items, 0, workers, pin
-        self.reader = reader  # thread-safe: reader[k] -> tensor
-        self._pending: collections.deque = collections.deque()
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="patch-reader") if workers > 0 else None
-        self.depth = depth or max(2, 4 * workers)
-        self._fill()
-
-    def _read(self, k: int) -> torch.Tensor:
-        block = self.reader[k]
-        return block.pin_memory() if self.pin else block
-
-    def _fill(self) -> None:
-        while self._pool is not None and self.next_submit < self.n and len(self._pending) < self.depth:
-            self._pending.append(self._pool.submit(self._read, self.next_submit))
-            self.next_submit += 1
-
-    def __iter__(self):
-        try:
-            if self._pool is None:
-                for k in range(self.n):
-                    yield self._read(k)
-                return
-            while self._pending:
-                fut = self._pending.popleft()
-                self._fill()
-                yield fut.result()
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            for fut in self._pending:
-                fut.cancel()
-            self._pending.clear()
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-        close = getattr(self.reader, "close", None)
-        if close is not None:
-            close()
-
-
 def fingerprint(slide_path: str | os.PathLike, grid_path: str | os.PathLike, params: dict[str, Any],
-                weights: Any) -> str:
+                weights: Any, paths: dict[str, Any] | None = None) -> str:
+    """Identity of a bag's inputs and settings; ``paths``: the resolved device, decoder, resize and
+    weight dtype (a partial bag is resumed only by the same computation)."""
     st = Path(slide_path).stat()
     rec = {"slide": [Path(slide_path).name, st.st_size, st.st_mtime_ns], "grid": sha256_file(grid_path),
            "params": params, "weights": weights, "pipeline": __version__}
+    if paths:
+        rec["paths"] = paths
     return hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -186,75 +97,268 @@ class Progress:
               f"{rate:.1f} patches/s eta {eta:.0f}s", file=self.stream, flush=True)
 
 
-def embed_batch(encoder: Encoder, batch_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, D) on the CPU. Normalisation happens on the device."""
-    x = batch_u8.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(encoder.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(encoder.std, device=device).view(1, 3, 1, 1)
-    x = (x - mean) / std
+
+# ------------------------------------------------------------------------------------------------
+# the device side of one batch
+# ------------------------------------------------------------------------------------------------
+_NORM_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def compute_dtype(encoder: Encoder, device: torch.device) -> torch.dtype | None:
+    """Reduced precision the encoder runs in on ``device`` (None: fp32). CPU always runs fp32."""
     if device.type == "cuda" and encoder.precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if encoder.precision == "bf16" else torch.float16
-        with torch.autocast("cuda", dtype=dtype):
-            out = encoder.embed(x)
-    else:
-        out = encoder.embed(x)
-    return out.float().cpu()
+        return torch.bfloat16 if encoder.precision == "bf16" else torch.float16
+    return None
+
+
+def prepare_encoder(encoder: Encoder, device: torch.device) -> str:
+    """Move the encoder to ``device`` and cast its weights to its precision there (in place, idempotent);
+    returns the weights' dtype ("fp32", "bf16", "fp16")."""
+    from .device import cast_weights, weights_dtype
+
+    encoder.model.to(device)
+    dt = compute_dtype(encoder, device)
+    if dt is not None:
+        cast_weights(encoder.model, dt)
+    return weights_dtype(encoder.model)
+
+
+def preprocess(encoder: Encoder, batch_u8: torch.Tensor, device: torch.device, size: int | None = None) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalised float (B, 3, P, P) on ``device``; resized there to ``size``
+    when given (the device resize path)."""
+    x = batch_u8.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    if size is not None and int(x.shape[-1]) != int(size):
+        from .device import resize_area
+
+        x = resize_area(x, int(size))
+    x = x.div_(255.0)
+    key = (tuple(encoder.mean), tuple(encoder.std), str(device))
+    ms = _NORM_CACHE.get(key)
+    if ms is None:
+        ms = _NORM_CACHE[key] = (torch.tensor(encoder.mean, device=device).view(1, 3, 1, 1),
+                                 torch.tensor(encoder.std, device=device).view(1, 3, 1, 1))
+    return (x - ms[0]) / ms[1]
+
+
+def forward(encoder: Encoder, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The encoder on a normalised batch, in its precision on ``device``; float32 (B, D) on the device."""
+    dt = compute_dtype(encoder, device)
+    if dt is None:
+        return encoder.embed(x).float()
+    with torch.autocast(device.type, dtype=dt):
+        return encoder.embed(x.to(dt)).float()
+
+
+def embed_batch(encoder: Encoder, batch_u8: torch.Tensor, device: torch.device, size: int | None = None,
+                sync: bool = True) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, D): on the CPU (``sync``) or left on the device (no host
+    synchronisation). Resizing (``size``) and normalisation happen on the device."""
+    out = forward(encoder, preprocess(encoder, batch_u8, device, size), device)
+    return out.cpu() if sync else out
+
+
+class _AsyncWriter:
+    """Writes finished batches into the bag from a thread, in order; waits for each batch's
+    device-to-host copy there (``event.synchronize()``), so the main thread never does. ``finish(fn)``
+    runs ``fn`` (the bag's finalisation) in the thread after the last write, so the next slide's
+    encoding does not wait for it; :meth:`result` joins and returns its value or raises."""
+
+    def __init__(self, writer: BagWriter, slide_path: Any, depth: int = 3):
+        self.writer, self.slide_path = writer, slide_path
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.value: Any = None
+        self.thread = threading.Thread(target=self._run, name="bag-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, row: int, feats: torch.Tensor, coords: np.ndarray, event: Any = None) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((row, feats, coords, event))
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure
+            try:
+                if callable(item):  # finish
+                    self.value = item()
+                    continue
+                row, feats, coords, event = item
+                if event is not None:
+                    event.synchronize()
+                arr = feats.numpy()
+                if not np.isfinite(arr).all():
+                    raise RuntimeError(f"{self.slide_path}: encoder produced non-finite features at rows "
+                                       f"{row}..{row + arr.shape[0]}")
+                self.writer.write(row, arr, coords)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                self.error = exc
+
+    def finish(self, fn) -> "_AsyncWriter":
+        self.q.put(fn)
+        self.q.put(None)
+        return self
+
+    def result(self) -> Any:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def close(self) -> None:
+        """Finish the queued writes (they are valid even when the caller is failing) and stop."""
+        if self.thread.is_alive():
+            self.q.put(None)
+            self.thread.join()
+
+
+def _tile_cache_bytes(tiles: Any, level: int, workers: int, origins: np.ndarray | None = None,
+                      batches: list[tuple[int, int]] | None = None, read_px: int = 0) -> int | None:
+    """Decoded-tile cache of each reader process: the tile rows a process revisits (3 when one
+    process reads every batch row by row; a batch's tile rows + 2 when processes keep column stripes
+    of consecutive batches) across its share of the level's width (2/processes, with a margin),
+    32-512 MiB. Sized from the slide's width and the batch, never its area."""
+    if not tiles or not tiles.supports(level):
+        return None
+    L = tiles.levels[level]
+    row = L.ntx * L.tw * L.th * 3
+    rows = 3
+    if workers > 1 and origins is not None and batches:
+        ys = np.asarray(origins)[:, 1].astype(np.int64)
+        span = max(int((ys[a:b].max() + read_px - 1) // L.th - ys[a:b].min() // L.th + 1)
+                   for a, b in batches if b > a)
+        rows = span + 2
+    return int(min(max(rows * row * min(1.0, 2.0 / max(1, workers)), 32 << 20), 512 << 20))
 
 
 class _SlideRun:
-    """One slide's extraction state: its partial bag and a reader already prefetching patches."""
+    """One slide's extraction state: its partial bag and a source already reading its patches."""
 
     def __init__(self, slide: Slide, grid: dict[str, Any], grid_path: str | os.PathLike, out_path: str | os.PathLike,
-                 p: dict[str, Any], encoder: Encoder, device: torch.device, log):
+                 p: dict[str, Any], encoder: Encoder, device: torch.device, log, pool: ReaderPool,
+                 weights_dtype: str):
+        from . import device as dev
+
         self.slide, self.p, self.encoder, self.device, self.log = slide, p, encoder, device, log
         self.plan = grid["read_plan"]
         self.coords = np.asarray(grid["coords"], dtype=np.int64).reshape(-1, 2)
         self.n = int(self.coords.shape[0])
         self.bs = int(p["batch_size"])
         chunk_rows = self.bs * max(1, math.ceil(int(p["chunk_rows"]) / self.bs))
-        self.fp = fingerprint(slide.path, grid_path, p, encoder.weights)
+        level = int(self.plan["level"])
+        r, ps = int(self.plan["read_size_px"]), int(self.plan["patch_size_px"])
+        on_device = p["resize"] == "device" or (p["resize"] == "auto" and device.type == "cuda")
+        tiles = slide.tiled_jpeg()
+        self.gpu_decode: dict[str, Any] = {"requested": bool(p["gpu_decode"]), "used": False}
+        if p["gpu_decode"]:
+            if device.type != "cuda":
+                self.gpu_decode["reason"] = f"no CUDA device (device {device})"
+            elif not (tiles and tiles.supports(level)):
+                self.gpu_decode["reason"] = f"level {level} is not stored as JPEG tiles"
+            else:
+                chk = dev.check_tile_decoder(tiles, level, device)
+                self.gpu_decode["check"] = chk
+                self.gpu_decode["used"] = bool(chk["ok"])
+                if not chk["ok"]:
+                    self.gpu_decode["reason"] = chk.get("error")
+            if not self.gpu_decode["used"]:
+                print(f"[features] {slide.slide_id}: gpu_decode falls back to the CPU readers "
+                      f"({self.gpu_decode['reason']})", file=log, flush=True)
+        self.decoder = "nvjpeg" if self.gpu_decode["used"] else slide.decoder(level)
+        self.resize_to = ps if (on_device or self.gpu_decode["used"]) else None
+        self.spec = ReadSpec(str(slide.path), slide.reader, float(slide.mpp), level, r, ps,
+                             resize=self.resize_to is None)
+        self.resize = dev.resize_method(r, ps) if self.resize_to else self.spec.resize_method
+        self.paths = {"device": device.type, "decoder": self.decoder, "resize": self.resize,
+                      "weights_dtype": weights_dtype}
+        self.info = slide.info()  # read here: the bag is finalised from the writer thread
         self.stamp = slide_stamp(slide.path)  # compared before finalize: no bag from a slide replaced mid-read
+        self.extra_attrs: dict[str, Any] = {}  # added to the bag's attributes (e.g. the batch's cache key)
+        self.out_path = str(out_path)
+        self.fp = fingerprint(slide.path, grid_path, p, encoder.weights, self.paths)
         self.writer = BagWriter(out_path, self.n, encoder.embed_dim, fingerprint=self.fp, chunk_rows=chunk_rows)
-        self.start = self.writer.rows_done  # a chunk boundary, hence a run boundary
+        self.start = self.writer.rows_done  # a chunk boundary, hence a batch boundary
         if self.start:
             print(f"[features] {slide.slide_id}: resuming at patch {self.start}/{self.n} from {self.writer.tmp}",
                   file=log, flush=True)
-        runs = [r for r in plan_runs(self.coords, int(self.plan["patch_size_level0_px"]),
-                                     boundaries=chunk_rows) if r[0] >= self.start]
+        m = self.n - self.start
+        self.batches = [(a, min(a + self.bs, m)) for a in range(0, m, self.bs)]
+        origins = level_origins(self.coords[self.start:], float(self.plan["level_downsample"]))
+        self.spec = dataclasses.replace(self.spec, cache_bytes=_tile_cache_bytes(
+            tiles, level, pool.workers, origins, self.batches, r))
         self.t0 = time.monotonic()
-        self.blocks = Prefetcher(  # reader threads start now
-            RunReader(str(slide.path), slide.reader, slide.mpp, self.coords, self.plan, runs),
-            len(runs), int(p["num_workers"]), pin=device.type == "cuda")
+        if self.gpu_decode["used"]:
+            self.source: Any = dev.JpegTileSource(tiles, level, origins, self.batches, r, device)
+        else:
+            tw = tiles.levels[level].tw if tiles and tiles.supports(level) else None
+            stripe = stripe_width(slide.level_dimensions[level][0], r, pool.workers, tw, grid_step(origins))
+            self.source = pool.submit(self.spec, origins, self.batches, stripe_px=stripe)  # reading starts now
 
-    def run(self, extra_attrs: dict[str, Any] | None = None) -> dict[str, Any]:
-        plan, slide, enc = self.plan, self.slide, self.encoder
+    def close(self) -> None:
+        """Stop reading this slide (idempotent)."""
+        self.source.close()
+
+    def run(self) -> dict[str, Any]:
+        """Encode the slide and write its bag; returns the bag's attributes."""
+        return self.encode().result()
+
+    def encode(self) -> _AsyncWriter:
+        """Encode every batch; the last writes and the bag's finalisation continue in the writer thread
+        (``.result()`` waits for them and returns the bag's attributes, or raises)."""
+        plan, slide, enc, device = self.plan, self.slide, self.encoder, self.device
         progress = Progress(slide.slide_id, self.n, start=self.start, stream=self.log)
-        row, pending, n_pending = self.start, [], 0
+        cuda = device.type == "cuda"
+        aw = _AsyncWriter(self.writer, slide.path)
+        ring = ([torch.empty((self.bs, enc.embed_dim), dtype=torch.float32, pin_memory=True)
+                 for _ in range(aw.q.maxsize + 2)] if cuda else [])
+        # host-to-device copies on a stream of their own: batch i+1 is copied while batch i is encoded
+        copy_stream = torch.cuda.Stream(device) if cuda else None
+        try:
+            with torch.inference_mode():
+                for i, (a, b) in enumerate(self.batches):
+                    block = self.source.get(i)
+                    x = torch.from_numpy(block) if isinstance(block, np.ndarray) else block
+                    copied = None
+                    if cuda and x.device.type == "cpu":
+                        with torch.cuda.stream(copy_stream):
+                            x = x.to(device, non_blocking=True)  # from pinned shared memory
+                            copied = torch.cuda.Event()
+                            copied.record(copy_stream)
+                        compute = torch.cuda.current_stream(device)
+                        compute.wait_event(copied)
+                        x.record_stream(compute)
+                    feats = embed_batch(enc, x, device, size=self.resize_to, sync=not cuda)
+                    row = self.start + a
+                    if cuda:
+                        self.source.release(i, after=copied)
+                        out = ring[i % len(ring)][:b - a]
+                        out.copy_(feats, non_blocking=True)
+                        done = torch.cuda.Event()
+                        done.record()
+                        aw.put(row, out, self.coords[row:row + b - a], done)
+                    else:
+                        self.source.release(i)
+                        aw.put(row, feats, self.coords[row:row + b - a])
+                    progress.update(self.start + b)
+        except BaseException:
+            self.source.close()
+            aw.close()  # batches already computed are written: a rerun resumes after them
+            raise
+        self.source.close()
+        seconds = time.monotonic() - self.t0
+        return aw.finish(lambda: self._finalize(progress, seconds))
 
-        def flush(k: int) -> None:
-            nonlocal row, pending, n_pending
-            batch = torch.cat(pending) if len(pending) > 1 else pending[0]
-            take, rest = batch[:k], batch[k:]
-            feats = embed_batch(enc, take, self.device)
-            if not torch.isfinite(feats).all():
-                raise RuntimeError(f"{slide.path}: encoder produced non-finite features at rows {row}..")
-            self.writer.write(row, feats.numpy(), self.coords[row:row + k])
-            row += k
-            pending, n_pending = ([rest] if rest.shape[0] else []), int(rest.shape[0])
-            progress.update(row)
-
-        with torch.inference_mode():
-            for block in self.blocks:
-                pending.append(block.to(self.device, non_blocking=True))
-                n_pending += int(block.shape[0])
-                while n_pending >= self.bs:
-                    flush(self.bs)
-            if n_pending:
-                flush(n_pending)
-        if row != self.n:
-            raise SlideError(slide.path, f"read {row - self.start} patches, expected {self.n - self.start}")
+    def _finalize(self, progress: Progress, seconds: float) -> dict[str, Any]:
+        plan, slide, enc, device = self.plan, self.slide, self.encoder, self.device
+        if self.writer.rows_done != self.n:
+            raise SlideError(slide.path, f"wrote {self.writer.rows_done - self.start} patches, expected "
+                                         f"{self.n - self.start}")
         if self.n > self.start:
-            progress.update(row, force=True)
+            progress.update(self.n, force=True)
         attrs = {
             "slide_id": slide.slide_id,
             "n_patches": self.n,
@@ -270,11 +374,13 @@ class _SlideRun:
             "mpp_source": slide.mpp_source,
             "schema_version": SCHEMA_VERSION,
             "pipeline_version": __version__,
-            "provenance": provenance("features", self.p, slide=slide.info(), read_plan=plan, device=str(self.device),
-                                     decoder=slide.decoder(int(plan["level"])),
-                                     resumed_from=self.start, seconds=round(time.monotonic() - self.t0, 3),
+            "provenance": provenance("features", self.p, slide=self.info, read_plan=plan, device=str(device),
+                                     decoder=self.decoder, resize=self.resize,
+                                     weights_dtype=self.paths["weights_dtype"], gpu_decode=self.gpu_decode,
+                                     reader_processes=int(self.p["num_workers"]),
+                                     resumed_from=self.start, seconds=round(seconds, 3),
                                      fingerprint=self.fp),
-            **(extra_attrs or {}),
+            **self.extra_attrs,
         }
         if slide_stamp(slide.path) != self.stamp:
             self.writer.discard()
@@ -292,17 +398,29 @@ def _load_encoder(p: dict[str, Any], patch_size: int, device: torch.device) -> E
     return enc
 
 
+def slot_bytes(jobs: list[tuple], p: dict[str, Any], device: torch.device) -> int:
+    """Shared-memory slot size for the largest batch of ``jobs`` (patches at read size when resizing
+    on the device)."""
+    on_device = p["resize"] == "device" or (p["resize"] == "auto" and device.type == "cuda")
+    key = "read_size_px" if on_device or p["gpu_decode"] else "patch_size_px"
+    side = max(int(job[1]["read_plan"][key]) for job in jobs)
+    return int(p["batch_size"]) * side * side * 3
+
+
 def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, str | os.PathLike]],
                    params: dict[str, Any] | None = None, encoder: Encoder | None = None,
-                   log=sys.stderr, *, extra_attrs: dict[str, dict[str, Any]] | None = None,
+                   log=sys.stderr, pool: ReaderPool | None = None, *,
+                   extra_attrs: dict[str, dict[str, Any]] | None = None,
                    on_done: Callable[[str, dict[str, Any] | None, BaseException | None], None] | None = None
                    ) -> list[dict[str, Any]]:
     """Extract several slides with one model. ``jobs``: (slide, grid, grid_path, out_path) tuples.
 
-    The next slide's reader workers start while the current slide is being encoded, so the device does
-    not wait on I/O between slides. A slide that fails is reported and the others still complete; the
-    first error is raised at the end, unless ``on_done(out_path, attrs, error)`` is given, which is called
-    for every slide instead. ``extra_attrs``: out path -> attributes added to that bag.
+    One pool of reader processes serves every slide (pass ``pool`` to reuse one across calls; it is then
+    left open). The next slide is submitted to it while the current one is being encoded, so the device
+    does not wait on I/O between slides. A slide that fails is reported and the others still complete;
+    the first error is raised at the end, unless ``on_done(out_path, attrs, error)`` is given, which is
+    called for every slide instead. ``extra_attrs``: out path -> attributes added to that bag. The encoder
+    is moved to the device and, on CUDA, its weights cast to its precision (in place).
     """
     p = resolve_settings(params)
     device = resolve_device(str(p["device"]))
@@ -312,39 +430,87 @@ def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, st
         return results
     if encoder is None:
         encoder = _load_encoder(p, jobs[0][1]["read_plan"]["patch_size_px"], device)
-    encoder.model.to(device)
+    wdtype = prepare_encoder(encoder, device)
+    own_pool = pool is None
+    pool = pool if pool is not None else ReaderPool(int(p["num_workers"]))
+    runs: list[_SlideRun] = []  # every prepared slide, closed at the end whatever happens
+    pending = None  # the previous slide's writer, finishing while the next slide is encoded
 
-    def failed(job, exc: BaseException) -> None:
+    def failed(out, exc: BaseException) -> None:
         if on_done is not None:
-            on_done(str(job[3]), None, exc)
+            on_done(str(out), None, exc)
         else:
             errors.append(exc)
             print(f"ERROR [features] {exc}", file=log, flush=True)
 
     def prepare(job):
         try:
-            return _SlideRun(*job, p, encoder, device, log)
+            run = _SlideRun(*job, p, encoder, device, log, pool, wdtype)
         except Exception as exc:  # noqa: BLE001 - reported per slide
-            failed(job, exc)
+            failed(job[3], exc)
             return None
+        run.extra_attrs = dict((extra_attrs or {}).get(str(job[3])) or {})
+        runs.append(run)
+        return run
 
-    nxt = prepare(jobs[0])
-    for i in range(len(jobs)):
-        cur = nxt
-        nxt = prepare(jobs[i + 1]) if i + 1 < len(jobs) else None
-        if cur is None:
-            continue
+    def collect(item):  # a slide's last writes and finalisation, done while the next one was encoded
+        handle, out = item
         try:
-            attrs = cur.run((extra_attrs or {}).get(str(jobs[i][3])))
-        except Exception as exc:  # noqa: BLE001
-            failed(jobs[i], exc)
-            continue
+            attrs = handle.result()
+        except Exception as exc:  # noqa: BLE001 - reported per slide
+            failed(out, exc)
+            return
         results.append(attrs)
         if on_done is not None:
-            on_done(str(jobs[i][3]), attrs, None)
+            on_done(str(out), attrs, None)
+
+    try:
+        pool.reserve(slot_bytes(jobs, p, device))
+        if device.type == "cuda":
+            from .device import register_host_memory
+
+            pool.pin(register_host_memory)  # pinned until the pool's memory goes (close or growth)
+        nxt = prepare(jobs[0])
+        for i in range(len(jobs)):
+            cur = nxt
+            nxt = prepare(jobs[i + 1]) if i + 1 < len(jobs) else None
+            if cur is None:
+                continue
+            try:
+                handle = cur.encode()
+            except Exception as exc:  # noqa: BLE001
+                failed(cur.out_path, exc)
+                continue
+            finally:
+                if pending is not None:
+                    collect(pending)
+                    pending = None
+            pending = (handle, cur.out_path)
+        if pending is not None:
+            collect(pending)
+            pending = None
+    finally:
+        if pending is not None:
+            pending[0].close()  # interrupted: let the queued writes land (a rerun resumes after them)
+        for run in runs:
+            run.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # no copy from the slots in flight past this point
+        if own_pool:
+            pool.close()
     if errors:
         raise errors[0]
     return results
+
+
+def extract_slide(slide: Slide, grid: dict[str, Any], grid_path: str | os.PathLike, out_path: str | os.PathLike,
+                  params: dict[str, Any] | None = None, encoder: Encoder | None = None,
+                  log=sys.stderr, pool: ReaderPool | None = None) -> dict[str, Any]:
+    """Extract features for every patch of ``grid`` and write the bag at ``out_path``.
+
+    Resumes a partial bag left by an interrupted run when the inputs and settings are unchanged.
+    """
+    return extract_slides([(slide, grid, grid_path, out_path)], params, encoder=encoder, log=log, pool=pool)[0]
 
 
 def write_failed_bag(out_path: str | os.PathLike, slide_id: str, reason: str, params: dict[str, Any] | None,
@@ -359,13 +525,3 @@ def write_failed_bag(out_path: str | os.PathLike, slide_id: str, reason: str, pa
         "model": p["model"], "model_tag": model_tag(p), "weights": None, "target_mpp": None,
         "patch_size_px": None, "level0_mpp": None, "mpp_source": None, "pipeline_version": __version__,
         "provenance": provenance("features", p), **({"cache_key": cache_key} if cache_key else {})})
-
-
-def extract_slide(slide: Slide, grid: dict[str, Any], grid_path: str | os.PathLike, out_path: str | os.PathLike,
-                  params: dict[str, Any] | None = None, encoder: Encoder | None = None,
-                  log=sys.stderr) -> dict[str, Any]:
-    """Extract features for every patch of ``grid`` and write the bag at ``out_path``.
-
-    Resumes a partial bag left by an interrupted run when the inputs and settings are unchanged.
-    """
-    return extract_slides([(slide, grid, grid_path, out_path)], params, encoder=encoder, log=log)[0]
