@@ -6,6 +6,8 @@
                                      [--device D] [--workers W] [--repeats R]
     python -m pipeline.bench gpu-suite --workdir DIR [--slide S ...]   (everything GPU-side in one call)
     python -m pipeline.bench slide   OUT.svs [--width W --height H --mpp M]   (a synthetic slide to bench on)
+    python -m pipeline.bench workflow --slides DIR --model NAME [...]   (the Snakemake workflow's feature stage)
+    python -m pipeline.bench plan    --n 10000                           (snakemake -n on a large cohort)
 
 ``read`` times the reader pool (processes started beforehand, as in extraction, where the pool outlives
 slides) for every worker count given, alternating counts across ``--repeats`` rounds and keeping the best
@@ -661,6 +663,22 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--batch-size", type=int, default=256)
     g.add_argument("--extract-seconds", type=float, default=8.0)
     g.add_argument("--out", default=None, help="also write the JSON here (updated after each step)")
+    w = sub.add_parser("workflow", help="the Snakemake workflow's feature stage vs in-process extract")
+    w.add_argument("--slides", required=True, help="folder of slides (tissue and grids are made first, untimed)")
+    w.add_argument("--model", required=True)
+    w.add_argument("--target-mpp", type=float, default=0.5)
+    w.add_argument("--size", type=int, default=224)
+    w.add_argument("--batch-size", type=int, default=64)
+    w.add_argument("--device", default="auto")
+    w.add_argument("--workers", type=int, default=2, help="reader processes per feature job")
+    w.add_argument("--slides-per-job", type=int, default=16)
+    w.add_argument("--cores", type=int, default=None, help="snakemake --cores (default: all)")
+    w.add_argument("--results", default=None, help="work folder (default: a temporary one)")
+    w.add_argument("--no-compare", action="store_true", help="skip the in-process extraction")
+    pl = sub.add_parser("plan", help="snakemake -n on a cohort of N placeholder slides with labels")
+    pl.add_argument("--n", type=int, default=10000)
+    pl.add_argument("--work", default=None, help="work folder (default: a temporary one)")
+    pl.add_argument("--slides-per-job", type=int, default=16)
     sl = sub.add_parser("slide")
     sl.add_argument("out")
     sl.add_argument("--width", type=int, default=16384)
@@ -668,6 +686,16 @@ def main(argv: list[str] | None = None) -> int:
     sl.add_argument("--mpp", type=float, default=0.25)
     sl.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    if a.mode in ("workflow", "plan"):
+        from .bench_workflow import bench_plan, bench_workflow
+
+        if a.mode == "workflow":
+            res = bench_workflow(a.slides, a.model, a.target_mpp, a.size, a.batch_size, a.device, a.workers,
+                                 a.slides_per_job, a.cores, a.results, compare=not a.no_compare)
+        else:
+            res = bench_plan(a.n, a.work, a.slides_per_job)
+        print(json.dumps(res, default=str))
+        return 0
     if a.mode == "read":
         res = bench_read(a.slide, a.target_mpp, a.size, a.workers, a.max_patches, batch_size=a.batch_size,
                          baseline=not a.no_baseline, repeats=a.repeats, resize=a.resize)

@@ -65,7 +65,7 @@ def bench_workflow(slides_dir: str, model: str, target_mpp: float = 0.5, size: i
     layout = Layout(wc.results_dir, wc.tag)
     slides = sorted(discover_slides(cfg["slides_dir"]))
     grids = [layout.grid(s) for s in slides]
-    _snakemake(["--cores", str(cores), "--configfile", str(cfg_path), *grids], tmp)
+    _snakemake([*grids, "--cores", str(cores), "--configfile", str(cfg_path)], tmp)
     proc, wall = _snakemake(["--cores", str(cores), "--configfile", str(cfg_path)], tmp)
     mans = [json.loads(p.read_text()) for p in sorted(Path(layout.features_dir()).joinpath(".batches").glob("*.json"))]
     stage = max(m["finished"] for m in mans) - min(m["started"] for m in mans)

@@ -53,3 +53,17 @@ def test_gpu_suite_needs_cuda(tmp_path):
         pytest.skip("CUDA present: the suite is a benchmark, run by hand (docs/benchmarks.md)")
     with pytest.raises(SystemExit, match="CUDA"):
         main(["gpu-suite", "--workdir", str(tmp_path)])
+
+
+def test_bench_workflow_and_plan(tmp_path, capsys):
+    """The workflow benchmarks run the real Snakemake workflow (functional check, no timing asserted)."""
+    from pipeline.synthetic import make_cohort
+
+    make_cohort(tmp_path / "s", n=2, width=1024, height=768, mpp=0.5, seed=5)
+    r = _run(capsys, ["workflow", "--slides", str(tmp_path / "s"), "--model", "test_resnet", "--size", "64",
+                      "--target-mpp", "2.0", "--batch-size", "8", "--device", "cpu", "--workers", "0",
+                      "--cores", "2", "--results", str(tmp_path / "w")])
+    assert r["mode"] == "workflow" and r["slides"] == 2 and r["feature_jobs"] == 1 and r["patches"] > 0
+    assert r["feature_stage_seconds"] > 0 and r["ratio_vs_in_process"] > 0 and r["in_process_patches_per_s"] > 0
+    p = _run(capsys, ["plan", "--n", "30", "--work", str(tmp_path / "p")])
+    assert p["mode"] == "plan" and p["slides"] == 30 and p["seconds"] > 0 and p["peak_rss_mb"] > 0
