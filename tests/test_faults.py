@@ -201,19 +201,20 @@ def test_snakemake_killed_then_rerun(root, env_with_venv, tmp_path):
     import yaml
 
     slides = tmp_path / "slides"
-    make_cohort(slides, n=2, width=1024, height=768, mpp=0.5, seed=4)
+    make_cohort(slides, n=2, width=2048, height=1536, mpp=0.5, seed=4)
     all_slides = {p.stem for p in slides.glob("slide_*")}
     results = tmp_path / "results"
     shutil.copyfile(root / "config.yaml", tmp_path / "config.yaml")  # the Snakefile's defaults, from its workdir
     cfg = tmp_path / "run.yaml"
+    # resnet18 and small chunks, so that a slide takes long enough to be caught half-way through its batch
     cfg.write_text(yaml.safe_dump({
         "slides_dir": str(slides), "results_dir": str(results), "labels_csv": None,
-        "features": {"model": "test_resnet", "batch_size": 8, "num_workers": 0, "device": "cpu",
-                     "chunk_rows": 8, "slides_per_job": 2},
+        "features": {"model": "resnet18", "batch_size": 4, "num_workers": 0, "device": "cpu",
+                     "chunk_rows": 4, "slides_per_job": 2},
     }))
     cmd = ["snakemake", "--snakefile", str(root / "Snakefile"), "--directory", str(tmp_path), "--cores", "2",
            "--configfile", str(cfg)]
-    bags = results / "features" / "test_resnet"
+    bags = results / "features" / "resnet18"
     log_path = tmp_path / "killed_run.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env_with_venv, stdout=log, stderr=subprocess.STDOUT,
@@ -233,7 +234,7 @@ def test_snakemake_killed_then_rerun(root, env_with_venv, tmp_path):
     finished = {p.stem for p in list_bags(bags)}
     assert 1 <= len(finished) < len(all_slides), text[-3000:]
     kept = _stamps(results)
-    assert all(any(f"features/test_resnet/{s}.zarr" == k for k in kept) for s in finished)
+    assert all(any(f"features/resnet18/{s}.zarr" == k for k in kept) for s in finished)
     # the dry run plans the interrupted feature batch again (its manifest was never written) and nothing
     # upstream of it
     dry = subprocess.run(cmd + ["-n"], cwd=tmp_path, env=env_with_venv, capture_output=True, text=True,
