@@ -25,10 +25,28 @@ Model interface (every registered model follows it, so training and inference ne
 
 * a model that needs the bag label for an auxiliary loss (e.g. CLAM's instance clustering) sets the class
   attribute ``uses_label = True``; for classification the trainer then calls ``model(features, label=y)``
-  during training (``y`` a 0-d long tensor).
+  during training (``y`` a 0-d long tensor);
+* a model that needs where each instance lies (e.g. R²T's regions of the patch grid) sets ``uses_coords =
+  True`` (a class or instance attribute); training, evaluation and inference then call ``model(features,
+  coords=c)`` with ``c`` the bag's patch coordinates, a float tensor ``(N, 2)`` (level-0 ``x, y`` of each
+  patch, in the bag's order; the same subset as ``features`` under ``--max-instances``). ``c`` may be
+  ``None`` (in-memory data without coordinates), and the model must then fall back to something sensible.
+  :func:`call_model` passes ``coords`` and ``label`` to the models that declare them.
+
+Optional training hooks, called by the trainer (``pipeline.mil.train.fit``) when the model has them:
+
+* ``set_progress(step, total)``: before each optimiser step's forward passes, with the 0-based step and
+  the planned number of steps (``epochs × batches per epoch``; early stopping may end training before
+  ``total``). For schedules that move with training (SC-MIL's loss weight, OTSurv's transported mass);
+* ``batch_loss(outs, labels)``: after the forward passes of a mini-batch, with the list of the bags' output
+  dicts and ``labels`` (long tensor ``(B,)``: the class index for classification, the event for survival,
+  the target stratum for regression); returns a scalar added to the batch loss (already weighted), or
+  None. For losses over several bags (SC-MIL's supervised contrastive loss);
+* ``after_step()``: after each optimiser step (e.g. an exponential-moving-average teacher, MHIM-MIL).
 
 Each registration may carry the optimiser defaults of the model's paper (``lr``, ``weight_decay``), used
-when the user sets neither.
+when the user sets neither, and a default mini-batch size (``batch_size``, bags per optimiser step) for
+models whose loss needs several bags per step.
 """
 
 from __future__ import annotations
@@ -37,7 +55,7 @@ import inspect
 from typing import Any, Callable
 
 __all__ = ["MILError", "register_model", "create_model", "list_models", "resolve_model_kwargs",
-           "model_defaults", "TASKS"]
+           "model_defaults", "call_model", "TASKS"]
 
 #: Tasks a model can be built for (the labels CSV decides, or ``--task``).
 TASKS = ("classification", "survival", "regression")
@@ -53,11 +71,12 @@ _RUNTIME_ARGS = ("task",)  # passed by the trainer, never a stored hyper-paramet
 
 
 def register_model(fn: Callable[..., Any] | None = None, *, name: str | None = None,
-                   lr: float | None = None, weight_decay: float | None = None):
+                   lr: float | None = None, weight_decay: float | None = None, batch_size: int | None = None):
     """Register a model factory under ``name`` (default: the function's name).
 
     Use as ``@register_model`` or ``@register_model(name="...", lr=..., weight_decay=...)``; ``lr`` and
-    ``weight_decay`` are the optimiser defaults of the model's paper.
+    ``weight_decay`` are the optimiser defaults of the model's paper; ``batch_size`` the default number of
+    bags per optimiser step for models whose loss needs several bags (None: the trainer's default).
     """
 
     def deco(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -66,6 +85,8 @@ def register_model(fn: Callable[..., Any] | None = None, *, name: str | None = N
             raise ValueError(f"MIL model {key!r} is already registered")
         _MODELS[key] = f
         _DEFAULTS[key] = {"lr": lr, "weight_decay": weight_decay}
+        if batch_size is not None:
+            _DEFAULTS[key]["batch_size"] = int(batch_size)
         return f
 
     return deco(fn) if fn is not None else deco
@@ -84,7 +105,8 @@ def _factory(name: str) -> Callable[..., Any]:
 
 
 def model_defaults(name: str) -> dict[str, Any]:
-    """Optimiser defaults registered with model ``name`` (``lr``, ``weight_decay``; ``None`` if unset)."""
+    """Optimiser defaults registered with model ``name`` (``lr``, ``weight_decay``; ``None`` if unset; and
+    ``batch_size`` where the model registered one)."""
     _factory(name)
     return dict(_DEFAULTS.get(name, {}))
 
@@ -142,5 +164,17 @@ def create_model(name: str, in_dim: int, n_classes: int, task: str = "classifica
     return fn(int(in_dim), int(n_classes), **kw)
 
 
+def call_model(model: Any, features: Any, coords: Any = None, label: Any = None) -> dict[str, Any]:
+    """``model(features)``, passing ``coords`` to models with ``uses_coords`` and ``label`` (when not None)
+    to models with ``uses_label``."""
+    kw: dict[str, Any] = {}
+    if getattr(model, "uses_coords", False):
+        kw["coords"] = coords
+    if label is not None and getattr(model, "uses_label", False):
+        kw["label"] = label
+    return model(features, **kw)
+
+
 # Model files register themselves on import.
 from . import abmil, acmil, clam, dsmil, pooling, transmil  # noqa: E402,F401
+from . import hopfield, instance_cls, mambamil, mhim, otsurv, r2t, scmil  # noqa: E402,F401

@@ -4,8 +4,10 @@ k-fold CV stratified by label (survival: by event; regression: by target quartil
 (when the labels CSV has ``patient_id``), or the fixed train/test split of a ``split`` column; inside each
 training fold a validation split (stratified, grouped) drives early stopping on the validation loss and the
 best weights are restored. AdamW with a cosine learning-rate schedule over the epochs (learning rate and
-weight decay default to the model's paper), mini-batches of ``batch_size`` bags (1 by default; 32 for the
-Cox loss, which needs several bags), class imbalance handled by a class-weighted loss or a class-balanced
+weight decay default to the model's paper), mini-batches of ``batch_size`` bags (1 by default, or the
+model's registered default, e.g. 16 for SC-MIL; 32 for the Cox loss, which needs several bags), the optional
+model hooks of the interface (``set_progress``, ``batch_loss``, ``after_step``; patch coordinates for models
+with ``uses_coords``), class imbalance handled by a class-weighted loss or a class-balanced
 sampler, an optional random cap on the instances per bag during training, optional feature standardisation
 fitted on the training bags of each fold (out of core, :mod:`pipeline.mil.cohort`), the optional
 attention-entropy term of AEM (``aem_lambda``), fixed seeds, bf16 autocast on CUDA. ``folds=1`` trains a
@@ -33,10 +35,10 @@ import pandas as pd
 
 from .. import STAGE_VERSIONS, __version__
 from ..provenance import atomic_path, provenance, sha256_file, write_json_atomic
-from . import MILError, create_model, model_defaults, resolve_model_kwargs
+from . import MILError, call_model, create_model, model_defaults, resolve_model_kwargs
 from .data import MILDataset, load_dataset
 from .tasks import (METRIC_KEYS, PRIMARY_METRIC, REGRESSION_LOSSES, SURVIVAL_LOSSES, ClassificationTask,
-                    RegressionTask, SurvivalTask, Task, class_weights, compute_metrics, time_bins)
+                    RegressionTask, SurvivalTask, Task, check_bounds, class_weights, compute_metrics, time_bins)
 
 log = logging.getLogger("pipeline.mil")
 
@@ -197,7 +199,8 @@ __all__ = ["cv_splits", "holdout_split", "fit", "evaluate", "train", "train_data
 
 
 def make_task(ds: MILDataset, fit_idx: Sequence[int], *, balance: str = "loss", survival_loss: str = "nll",
-              n_bins: int = 4, regression_loss: str = "mse") -> Task:
+              n_bins: int = 4, regression_loss: str = "mse", regression_bounds: Sequence[float] | None = None,
+              regression_threshold: float | None = None) -> Task:
     """The task of one training fold (class weights, survival intervals, target scaling from ``fit_idx``)."""
     fit_idx = np.asarray(fit_idx, dtype=np.int64)
     if ds.task == "classification":
@@ -207,7 +210,8 @@ def make_task(ds: MILDataset, fit_idx: Sequence[int], *, balance: str = "loss", 
         edges = time_bins(ds.time[fit_idx], ds.event[fit_idx], n_bins) if survival_loss == "nll" else []
         return SurvivalTask(survival_loss, bin_edges=edges, time=ds.time, event=ds.event)
     if ds.task == "regression":
-        return RegressionTask(regression_loss, target=ds.target, fit_idx=fit_idx)
+        return RegressionTask(regression_loss, target=ds.target, fit_idx=fit_idx, bounds=regression_bounds,
+                              threshold=regression_threshold)
     raise MILError(f"unknown task {ds.task!r}")
 
 
@@ -241,14 +245,23 @@ def fold_feature_stats(ds: MILDataset, idx: Sequence[int]) -> tuple[np.ndarray, 
 
 # ----------------------------------------------------------------------------------------------- loops
 
-def _bag(ds: MILDataset, i: int, device, norm=None, max_instances: int | None = None, rng=None):
+def _bag(ds: MILDataset, i: int, device, norm=None, max_instances: int | None = None, rng=None,
+         with_coords: bool = False):
+    """Features of bag ``i`` (optionally a random subset, standardised); with ``with_coords`` also its patch
+    coordinates ``(N, 2)`` (float32, the same subset) or None when the dataset has none."""
+    import torch
+
     x = ds.tensor(int(i), device)
+    c = None
+    if with_coords and ds.coords is not None and len(ds.coords) > int(i):
+        c = torch.as_tensor(np.asarray(ds.coords[int(i)], dtype=np.float32), device=device)
     if max_instances is not None and x.shape[0] > max_instances:
         keep = np.sort(rng.choice(x.shape[0], int(max_instances), replace=False))
         x = x[torch_index(keep, x.device)]
+        c = None if c is None else c[torch_index(keep, c.device)]
     if norm is not None:
         x = (x - norm[0]) / norm[1]
-    return x
+    return (x, c) if with_coords else x
 
 
 def torch_index(idx: np.ndarray, device):
@@ -280,8 +293,9 @@ def evaluate(model, ds: MILDataset, idx: Sequence[int], device, task: Task | Non
     outs = []
     with torch.inference_mode():
         for i in idx:
+            x, c = _bag(ds, i, device, norm, with_coords=True)
             with _autocast(device):
-                out = model(_bag(ds, i, device, norm))
+                out = call_model(model, x, coords=c)
             outs.append(out["logits"].float())
         if not outs:
             return np.zeros((0, 0)), None
@@ -326,6 +340,11 @@ def fit(model, ds: MILDataset, train_idx: Sequence[int], val_idx: Sequence[int],
     history = []
     since = 0
     bs = max(1, int(batch_size))
+    # Optional model hooks (see the interface in pipeline/mil/__init__.py).
+    set_progress = getattr(model, "set_progress", None)
+    batch_loss = getattr(model, "batch_loss", None)
+    after_step = getattr(model, "after_step", None)
+    step, total_steps = 0, epochs * math.ceil(len(steps) / bs)
     for epoch in range(1, epochs + 1):
         model.train()
         t0 = time.monotonic()
@@ -334,14 +353,15 @@ def fit(model, ds: MILDataset, train_idx: Sequence[int], val_idx: Sequence[int],
             else rng.permutation(steps)
         for b0 in range(0, len(order), bs):
             batch = [int(i) for i in order[b0:b0 + bs]]
+            if set_progress is not None:
+                set_progress(step, total_steps)
+            step += 1
             outs = []
             for i in batch:
-                x = _bag(ds, i, device, norm, max_instances, rng)
+                x, c = _bag(ds, i, device, norm, max_instances, rng, with_coords=True)
                 with _autocast(device):
-                    if uses_label:
-                        out = model(x, label=torch.tensor(int(ds.y[i]), device=device))
-                    else:
-                        out = model(x)
+                    out = call_model(model, x, coords=c,
+                                     label=torch.tensor(int(ds.y[i]), device=device) if uses_label else None)
                 outs.append(out)
             terms = [o.get("loss_logits") or [(o["logits"], 1.0)] for o in outs]
             if cox:
@@ -356,6 +376,10 @@ def fit(model, ds: MILDataset, train_idx: Sequence[int], val_idx: Sequence[int],
             aux = [o["aux_loss"].float() for o in outs if o.get("aux_loss") is not None]
             if aux:
                 loss = loss + sum(aux) / len(batch)
+            if batch_loss is not None:
+                extra = batch_loss(outs, torch.as_tensor(ds.y[batch], dtype=torch.long, device=device))
+                if extra is not None:
+                    loss = loss + extra.float()
             if aem_lambda:
                 ents = [e for e in (_entropy(o) for o in outs) if e is not None]
                 if ents:
@@ -365,6 +389,8 @@ def fit(model, ds: MILDataset, train_idx: Sequence[int], val_idx: Sequence[int],
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if after_step is not None:
+                after_step()
             total += float(loss.detach())
             n_batches += 1
         sched.step()
@@ -442,7 +468,7 @@ def train(bags: Iterable[str | os.PathLike], labels: str | os.PathLike, out_dir:
 
 def _check_settings(folds, epochs, lr, weight_decay, patience, val_fraction, batch_size=None, balance="loss",
                     max_instances=None, standardize=False, aem_lambda=0.0, survival_loss="nll", n_bins=4,
-                    regression_loss="mse") -> None:
+                    regression_loss="mse", regression_bounds=None, regression_threshold=None) -> None:
     if folds < 1:
         raise MILError(f"--folds must be >= 1 (got {folds})")
     if epochs < 1:
@@ -469,6 +495,12 @@ def _check_settings(folds, epochs, lr, weight_decay, patience, val_fraction, bat
         raise MILError(f"--regression-loss must be one of {', '.join(REGRESSION_LOSSES)} (got {regression_loss!r})")
     if n_bins < 1:
         raise MILError(f"--n-bins must be >= 1 (got {n_bins})")
+    if regression_bounds is not None:
+        if len(regression_bounds) != 2:
+            raise MILError(f"--regression-bounds needs two numbers LO HI (got {list(regression_bounds)})")
+        check_bounds(regression_bounds)
+    if regression_threshold is not None and not math.isfinite(float(regression_threshold)):
+        raise MILError(f"--regression-threshold must be a finite number (got {regression_threshold})")
 
 
 def _splits(ds: MILDataset, folds: int, seed: int) -> tuple[str, list[tuple[np.ndarray, np.ndarray]]]:
@@ -494,14 +526,16 @@ def train_dataset(ds: MILDataset, out_dir: str | os.PathLike, *, model: str = "a
                   device: str | None = None, inputs: dict[str, Any] | None = None, batch_size: int | None = None,
                   balance: str = "loss", max_instances: int | None = None, standardize: bool = False,
                   aem_lambda: float = 0.0, survival_loss: str = "nll", n_bins: int = 4,
-                  regression_loss: str = "mse") -> dict[str, Any]:
+                  regression_loss: str = "mse", regression_bounds: Sequence[float] | None = None,
+                  regression_threshold: float | None = None) -> dict[str, Any]:
     """Cross-validate (or, with ``folds=1``, train one model; or train/test on the labels' ``split`` column)
     on an in-memory dataset; write the outputs."""
     import torch
 
     settings = dict(batch_size=batch_size, balance=balance, max_instances=max_instances, standardize=standardize,
                     aem_lambda=aem_lambda, survival_loss=survival_loss, n_bins=n_bins,
-                    regression_loss=regression_loss)
+                    regression_loss=regression_loss, regression_bounds=regression_bounds,
+                    regression_threshold=regression_threshold)
     _check_settings(folds, epochs, lr, weight_decay, patience, val_fraction, **settings)
     model_kwargs = resolve_model_kwargs(model, **(model_kwargs or {}))
     defaults = model_defaults(model)
@@ -510,7 +544,7 @@ def train_dataset(ds: MILDataset, out_dir: str | os.PathLike, *, model: str = "a
                          (defaults.get("weight_decay") if defaults.get("weight_decay") is not None else 1e-4))
     cox = ds.task == "survival" and survival_loss == "cox"
     if batch_size is None:
-        batch_size = 32 if cox else 1
+        batch_size = 32 if cox else int(defaults.get("batch_size") or 1)
     dev = pick_device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -534,6 +568,15 @@ def train_dataset(ds: MILDataset, out_dir: str | os.PathLike, *, model: str = "a
             params["n_bins"] = int(n_bins)
     if ds.task == "regression":
         params["regression_loss"] = regression_loss
+        if regression_bounds is not None:
+            lo, hi = check_bounds(regression_bounds)
+            params["regression_bounds"] = [lo, hi]
+            out_of = [s for s, t in zip(ds.slide_ids, ds.target) if not lo <= t <= hi]
+            if out_of:
+                raise MILError(f"{len(out_of)} slide(s) have a target outside --regression-bounds {lo:g} {hi:g}: "
+                               f"{', '.join(out_of[:10])}")
+        if regression_threshold is not None:
+            params["regression_threshold"] = float(regression_threshold)
     base = {"model": model, "model_kwargs": model_kwargs, "in_dim": ds.in_dim, "task": ds.task,
             "classes": ds.classes, "n_classes": ds.n_classes, "feature_attrs": ds.feature_attrs,
             "standardize": bool(standardize)}
@@ -552,7 +595,8 @@ def train_dataset(ds: MILDataset, out_dir: str | os.PathLike, *, model: str = "a
         fold_seed = seed * 1000 + k
         tr, va = holdout_split(trval, ds.y, ds.groups, val_fraction, fold_seed)
         task = make_task(ds, tr if ds.task != "survival" else trval, balance=balance,
-                         survival_loss=survival_loss, n_bins=n_bins, regression_loss=regression_loss)
+                         survival_loss=survival_loss, n_bins=n_bins, regression_loss=regression_loss,
+                         regression_bounds=regression_bounds, regression_threshold=regression_threshold)
         norm_np = fold_feature_stats(ds, tr) if standardize else None
         norm = None if norm_np is None else tuple(torch.from_numpy(a).to(dev) for a in norm_np)
         set_seed(fold_seed)
