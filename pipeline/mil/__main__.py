@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bag folders and/or single *.zarr bags")
     t.add_argument("--labels", required=True, metavar="CSV",
                    help="slide_id,label[,patient_id][,split] or slide_id,time,event[,patient_id][,split] CSV")
-    t.add_argument("--model", default="abmil", help=f"registered model (default abmil; {', '.join(list_models())})")
+    t.add_argument("--model", default="abmil", help=f"registered model (default abmil; {', '.join(list_models())}); "
+                   "the wrappers mhim and r2t take their aggregator as --model-arg base=NAME")
     t.add_argument("--out", required=True, metavar="DIR")
     t.add_argument("--task", default="auto", choices=["auto", "classification", "survival", "regression"],
                    help="default auto: time+event columns -> survival, non-integer numeric label -> regression, "
@@ -89,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-fraction", type=float, default=0.2,
                    help="validation share of each training fold, for early stopping (default 0.2)")
     t.add_argument("--batch-size", type=int, default=None,
-                   help="bags per optimiser step (default 1; 32 with --survival-loss cox)")
+                   help="bags per optimiser step (default 1, or the model's, e.g. 16 for scmil; 32 with "
+                        "--survival-loss cox)")
     t.add_argument("--balance", default="loss", choices=["loss", "sampler", "none"],
                    help="class imbalance: class-weighted loss (default), class-balanced sampling, or none")
     t.add_argument("--max-instances", type=int, default=None, metavar="N",
@@ -101,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--survival-loss", default="nll", choices=["nll", "cox"], help="survival loss (default nll)")
     t.add_argument("--n-bins", type=int, default=4, help="time intervals of the discrete-time survival loss")
     t.add_argument("--regression-loss", default="mse", choices=["mse", "mae"], help="regression loss (default mse)")
+    t.add_argument("--regression-bounds", nargs=2, type=float, default=None, metavar=("LO", "HI"),
+                   help="bounded regression output LO + (HI - LO)·sigmoid (e.g. 0 100 for a percentage; WeakSTIL)")
+    t.add_argument("--regression-threshold", type=float, default=None, metavar="T",
+                   help="also report the AUC of the prediction for target >= T (regression)")
     t.add_argument("--hidden-dim", type=int, default=None, help="model hidden size (model default if unset)")
     t.add_argument("--attn-dim", type=int, default=None, help="attention size (model default if unset)")
     t.add_argument("--dropout", type=float, default=None, help="dropout (model default if unset)")
@@ -159,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                   val_fraction=args.val_fraction, model_kwargs=kw, device=args.device, task=args.task,
                   batch_size=args.batch_size, balance=args.balance, max_instances=args.max_instances,
                   standardize=args.standardize, aem_lambda=args.aem_lambda, survival_loss=args.survival_loss,
-                  n_bins=args.n_bins, regression_loss=args.regression_loss)
+                  n_bins=args.n_bins, regression_loss=args.regression_loss,
+                  regression_bounds=args.regression_bounds, regression_threshold=args.regression_threshold)
         elif args.cmd == "predict":
             from .predict import predict
 
