@@ -19,7 +19,8 @@ Problem (entropic, ``ε = epsilon``): with cost ``C_ik = 1 - cos(h_i, p_k)`` and
     min_{Q ≥ 0}  <Q, C> - ε H(Q) + lam · KL(Q_{:,1..K}ᵀ 1 ‖ ρ b)
     s.t.  Q 1 = a = 1/N,   Q_{:,K+1}ᵀ 1 = 1 - ρ,
 
-solved by the generalised Sinkhorn (matrix-scaling) iterations of Chizat et al. 2018, in the log domain:
+solved by the generalised Sinkhorn (matrix-scaling) iterations of Chizat et al. 2018 (float64; in the log
+domain when the kernel could underflow):
 ``u = a / (K v)``, ``v_k = (ρ b_k / (Kᵀ u)_k)^(lam / (lam + ε))`` for the prototypes, ``v_{K+1} = (1 - ρ) /
 (Kᵀ u)_{K+1}``; ``Q = diag(u) K diag(v)``, ``K = exp(-C / ε)``. The iterations are unrolled, so gradients
 reach the embedding and the prototypes. The transported part ``Q_{:,1..K}`` (total mass ``ρ``) gives each
@@ -59,36 +60,62 @@ def uot_plan(cost: torch.Tensor, rho: float, prior: torch.Tensor, epsilon: float
     (virtual) column to ``1 - rho``, the prototype columns to ``rho`` in total, distributed like ``prior``
     (exactly for ``lam = inf``; pulled towards it by the KL term otherwise).
 
-    ``cost``: ``(N, K)`` patch-to-prototype cost; the virtual column costs 0. Log-domain scaling iterations:
-    up to ``n_iter`` without gradient until the scalings change by less than ``tol``, then ``grad_iter``
-    differentiable iterations from there (gradients through the last iterations of the fixed point).
+    ``cost``: ``(N, K)`` patch-to-prototype cost; the virtual column costs 0. Matrix-scaling iterations: up
+    to ``n_iter`` without gradient until the scalings change by less than ``tol`` (relative), then
+    ``grad_iter`` differentiable iterations from there (gradients through the last iterations of the fixed
+    point). In float64 with the Gibbs kernel ``exp(-C/ε)`` itself while it cannot underflow
+    (``max C / ε < 500``), else in the log domain.
     """
     n, k = cost.shape
     rho = float(min(max(rho, 1e-6), 1.0))
-    log_k = torch.cat([-cost.float() / epsilon, cost.new_zeros(n, 1, dtype=torch.float32)], dim=1)
-    log_a = torch.full((n,), -math.log(n), device=cost.device)
-    log_b = torch.cat([torch.log(rho * prior.to(cost.device).float().clamp_min(1e-30)),
-                       torch.tensor([math.log(max(1.0 - rho, 1e-12))], device=cost.device)])
+    dev = cost.device
     fi = 1.0 if math.isinf(lam) else lam / (lam + epsilon)
-    expo = torch.cat([torch.full((k,), fi, device=cost.device), torch.ones(1, device=cost.device)])
-    log_u = torch.zeros(n, device=cost.device)
-    log_v = torch.zeros(k + 1, device=cost.device)
+    expo = torch.cat([torch.full((k,), fi, device=dev, dtype=torch.float64),
+                      torch.ones(1, device=dev, dtype=torch.float64)])
+    b = torch.cat([rho * prior.to(dev, torch.float64).clamp_min(1e-30),
+                   torch.tensor([max(1.0 - rho, 1e-12)], device=dev, dtype=torch.float64)])
+    c = torch.cat([cost.to(torch.float64), cost.new_zeros(n, 1, dtype=torch.float64)], dim=1)
+    a = 1.0 / n
+    if n and float(c.detach().max()) / epsilon < 500:
+        kern = torch.exp(-c / epsilon)
 
-    def step(lk, lu):
+        def step(kk, u):
+            v = (b / (kk.T @ u)) ** expo
+            return v, a / (kk @ v)
+
+        u = torch.ones(n, dtype=torch.float64, device=dev)
+        v = torch.ones(k + 1, dtype=torch.float64, device=dev)
+        with torch.no_grad():
+            kd = kern.detach()
+            for it in range(max(0, int(n_iter))):
+                new_v, u = step(kd, u)
+                if it % 10 == 9 and float(((new_v - v).abs() / v.abs().clamp_min(1e-300)).max()) < tol:
+                    v = new_v
+                    break
+                v = new_v
+        for _ in range(max(1, int(grad_iter))):
+            v, u = step(kern, u)
+        return (u[:, None] * kern * v[None, :]).float()
+    log_k = -c / epsilon
+    log_b = torch.log(b)
+    log_u = torch.zeros(n, device=dev, dtype=torch.float64)
+    log_v = torch.zeros(k + 1, device=dev, dtype=torch.float64)
+
+    def lstep(lk, lu):
         lv = expo * (log_b - torch.logsumexp(lk + lu[:, None], dim=0))
-        return lv, log_a - torch.logsumexp(lk + lv[None, :], dim=1)
+        return lv, math.log(a) - torch.logsumexp(lk + lv[None, :], dim=1)
 
     with torch.no_grad():
         lk = log_k.detach()
-        for _ in range(max(0, int(n_iter))):
-            new_v, new_u = step(lk, log_u)
-            done = float((new_v - log_v).abs().max()) < tol
-            log_v, log_u = new_v, new_u
-            if done:
+        for it in range(max(0, int(n_iter))):
+            new_v, log_u = lstep(lk, log_u)
+            if it % 10 == 9 and float((new_v - log_v).abs().max()) < tol:
+                log_v = new_v
                 break
+            log_v = new_v
     for _ in range(max(1, int(grad_iter))):
-        log_v, log_u = step(log_k, log_u)
-    return torch.exp(log_u[:, None] + log_k + log_v[None, :])
+        log_v, log_u = lstep(log_k, log_u)
+    return torch.exp(log_u[:, None] + log_k + log_v[None, :]).float()
 
 
 class OTSurv(nn.Module):
