@@ -17,11 +17,15 @@ import pytest
 from pipeline.mil.benchmarks import (UNIT_TESTS, _digit_pools, _directions, mnist_bags, run_mnist_bags,
                                      run_unit_test, unit_test_bags)
 
-MODELS = ["mean", "max", "instance_max", "abmil", "abmil_gated", "clam_sb", "clam_mb", "transmil", "dsmil", "acmil"]
+MODELS = ["mean", "max", "instance_max", "abmil", "abmil_gated", "clam_sb", "clam_mb", "transmil", "dsmil", "acmil",
+          "hopfield", "mhim", "r2t", "mambamil", "scmil", "instance_cls", "otsurv"]
 SMALL = {"mean": {"hidden_dim": 64}, "max": {"hidden_dim": 64}, "abmil": {"hidden_dim": 64, "attn_dim": 32},
          "abmil_gated": {"hidden_dim": 64, "attn_dim": 32}, "clam_sb": {"hidden_dim": 64, "attn_dim": 32},
          "clam_mb": {"hidden_dim": 32, "attn_dim": 16}, "acmil": {"hidden_dim": 32, "attn_dim": 16},
-         "transmil": {"dim": 32, "heads": 2, "num_landmarks": 8}}
+         "transmil": {"dim": 32, "heads": 2, "num_landmarks": 8}, "hopfield": {"hidden_dim": 64, "heads": 4},
+         "mhim": {"base_kwargs": {"hidden_dim": 64, "attn_dim": 32}}, "r2t": {"dim": 32, "heads": 2},
+         "mambamil": {"hidden_dim": 32, "d_state": 8}, "scmil": {"hidden_dim": 64, "attn_dim": 32},
+         "instance_cls": {"hidden_dim": 64, "feat_dim": 32}, "otsurv": {"hidden_dim": 32, "n_prototypes": 8}}
 P, F = True, False
 # Verdicts that are clear-cut on every seed tried (None: borderline, or the model does not learn the task
 # reliably, which makes a "pass" vacuous). single_concept, multi_concept, false_frequency.
@@ -29,6 +33,9 @@ EXPECTED = {
     "mean": (F, F, F), "max": (F, F, F), "instance_max": (P, None, None), "abmil": (F, F, F),
     "abmil_gated": (F, F, F), "clam_sb": (F, F, F), "clam_mb": (F, F, F), "transmil": (F, F, F),
     "dsmil": (None, None, None), "acmil": (None, F, None),
+    "hopfield": (None, None, None), "mhim": (None, None, None), "r2t": (None, None, None),
+    "mambamil": (None, None, None), "scmil": (None, None, None), "instance_cls": (None, None, None),
+    "otsurv": (None, None, None),
 }
 # All models on the single-concept test (the standard MIL assumption); the two threshold-MIL tests on a
 # representative subset here (all models in docs/mil.md).
