@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 kw = ", ".join(f"{k}={v!r}" for k, v in resolve_model_kwargs(name).items())
                 d = model_defaults(name)
-                print(f"{name}: {model_doc(name)}\n    {kw}\n    lr={d['lr']} weight_decay={d['weight_decay']}")
+                extra = f" batch_size={d['batch_size']}" if d.get("batch_size") else ""
+                print(f"{name}: {model_doc(name)}\n    {kw}\n    lr={d['lr']} weight_decay={d['weight_decay']}{extra}")
         elif args.cmd == "train":
             from .train import train
 
