@@ -181,7 +181,7 @@ def instance_cls(in_dim: int, n_classes: int, hidden_dim: int = 512, feat_dim: i
                  queue_size: int = 4096, warmup: float = 0.1, sample: int = 512, noise: float = 0.1,
                  cls_weight: float = 1.0, con_weight: float = 1.0, bag_weight: float = 0.0, *,
                  task: str = "classification") -> InstanceClassifierMIL:
-    """INS: instance classifier + prototype pseudo-labels + instance contrastive learning, frozen features (Qu et al.)."""
+    """INS: instance classifier, prototype pseudo-labels, instance contrastive learning; frozen features (Qu et al.)."""
     return InstanceClassifierMIL(in_dim, n_classes, hidden_dim=hidden_dim, feat_dim=feat_dim, proj_dim=proj_dim,
                                  temperature=temperature, key_momentum=key_momentum, proto_momentum=proto_momentum,
                                  queue_size=queue_size, warmup=warmup, sample=sample, noise=noise,

@@ -51,7 +51,8 @@ def selective_scan_reference(u: torch.Tensor, delta: torch.Tensor, A: torch.Tens
                              C: torch.Tensor, D: torch.Tensor | None = None) -> torch.Tensor:
     """The selective-scan recurrence written step by step (for tests; differentiable through autograd).
 
-    ``u``, ``delta``: ``(L, d)``; ``A``: ``(d, n)``; ``B``, ``C``: ``(L, n)``; ``D``: ``(d,)``. Returns ``y`` ``(L, d)``.
+    ``u``, ``delta``: ``(L, d)``; ``A``: ``(d, n)``; ``B``, ``C``: ``(L, n)``; ``D``: ``(d,)``. Returns ``y``
+    ``(L, d)``.
     """
     L, d = u.shape
     h = u.new_zeros(d, A.shape[1])

@@ -30,7 +30,8 @@ for Cox). ``attention``: each patch's transported mass ``Σ_k Q_ik``, normalised
 sink get 0-ish weight) — the heatmap.
 
 Defaults (ours where the paper's text we could read does not fix them): 256-d embedding (dropout 0.25),
-``K = 16`` prototypes, ``gamma = 1``, ``lam = 1``, ``ε = 0.1``, at most 200 scaling iterations (3 of them differentiable), ``ρ`` from 0.5 to 0.9;
+``K = 16`` prototypes, ``gamma = 1``, ``lam = 1``, ``ε = 0.1``, at most 200 scaling iterations (3 of them
+differentiable), ``ρ`` from 0.5 to 0.9;
 AdamW lr 2e-4, weight decay 1e-5. Built for survival (the paper's task); it also accepts classification and
 regression (same OT pooling, a different output layer), which our benchmarks use.
 """

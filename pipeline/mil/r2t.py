@@ -11,7 +11,8 @@ two residual transformer steps before the aggregator ``base`` (built with ``in_d
    by the grid step, the smallest positive spacing of the coordinates), the grid's ``n_x × n_y`` cells are
    split into ``region_num`` parts per side (regions of ``ceil(n_x / region_num) × ceil(n_y / region_num)``
    cells), and every patch belongs to the region of its cell. Without coordinates (in-memory data, or all
-   coordinates equal) the paper's layout is used: instance ``i`` sits at cell ``(i mod L, i div L)`` of an ``L × L`` square,
+   coordinates equal) the paper's layout is used: instance ``i`` sits at cell ``(i mod L, i div L)`` of an
+   ``L × L`` square,
    ``L = ceil(√N)``. The attention logits of each region pass through the *embedded position encoding
    generator* (EPEG): a depth-wise convolution with kernel ``(epeg_k, 1)`` per head over the attention
    matrix, added to it, before the softmax.
