@@ -94,6 +94,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "survival_loss": "nll",  # nll | cox
         "n_bins": 4,
         "regression_loss": "mse",  # mse | mae
+        "regression_bounds": None,  # [lo, hi]: bounded regression output lo + (hi - lo)·sigmoid (WeakSTIL)
+        "regression_threshold": None,  # also the AUC of the prediction for target >= threshold
         "device": "auto",  # auto (CUDA when available) | cpu | cuda | cuda:N
         "threads": None,  # torch CPU threads; None: the job's threads
         "allow_unknown_encoder": False,  # mix imported bags of unknown encoder with others
@@ -154,8 +156,8 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 #: The MIL model trained when the config names none.
 DEFAULT_MIL_MODEL = "abmil"
 #: MIL settings every model of a run shares (the data, the folds, the losses, the machine).
-MIL_SHARED = ("task", "folds", "seed", "val_fraction", "survival_loss", "n_bins", "regression_loss", "device",
-              "threads", "allow_unknown_encoder")
+MIL_SHARED = ("task", "folds", "seed", "val_fraction", "survival_loss", "n_bins", "regression_loss",
+              "regression_bounds", "regression_threshold", "device", "threads", "allow_unknown_encoder")
 #: MIL settings a model entry may override (its training recipe and data handling).
 MIL_PER_MODEL = ("epochs", "lr", "weight_decay", "optimizer", "betas", "schedule", "min_lr", "patience",
                  "min_epochs", "select", "batch_size", "balance", "max_instances", "standardize", "aem",
@@ -265,6 +267,12 @@ def _mil_training(where: str, p: dict[str, Any], keys: tuple[str, ...]) -> None:
             if v is not None and (not isinstance(v, (list, tuple)) or len(v) != 2 or any(
                     isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1 for b in v)):
                 raise ConfigError(f"{sec}.betas: must be two numbers in [0, 1), not {v!r}")
+        elif key == "regression_bounds":
+            if v is not None and (not isinstance(v, (list, tuple)) or len(v) != 2 or any(
+                    isinstance(b, bool) or not isinstance(b, (int, float)) for b in v) or not v[0] < v[1]):
+                raise ConfigError(f"{sec}.regression_bounds: must be two numbers [lo, hi] with lo < hi, not {v!r}")
+        elif key == "regression_threshold":
+            _number(sec, key, v, optional=True)
         elif key == "device":
             dev = str(v)
             if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):

@@ -17,11 +17,15 @@ import pytest
 from pipeline.mil.benchmarks import (UNIT_TESTS, _digit_pools, _directions, mnist_bags, run_mnist_bags,
                                      run_unit_test, unit_test_bags)
 
-MODELS = ["mean", "max", "instance_max", "abmil", "abmil_gated", "clam_sb", "clam_mb", "transmil", "dsmil", "acmil"]
+MODELS = ["mean", "max", "instance_max", "abmil", "abmil_gated", "clam_sb", "clam_mb", "transmil", "dsmil", "acmil",
+          "hopfield", "mhim", "r2t", "mambamil", "scmil", "instance_cls", "otsurv"]
 SMALL = {"mean": {"hidden_dim": 64}, "max": {"hidden_dim": 64}, "abmil": {"hidden_dim": 64, "attn_dim": 32},
          "abmil_gated": {"hidden_dim": 64, "attn_dim": 32}, "clam_sb": {"hidden_dim": 64, "attn_dim": 32},
          "clam_mb": {"hidden_dim": 32, "attn_dim": 16}, "acmil": {"hidden_dim": 32, "attn_dim": 16},
-         "transmil": {"dim": 32, "heads": 2, "num_landmarks": 8}}
+         "transmil": {"dim": 32, "heads": 2, "num_landmarks": 8}, "hopfield": {"hidden_dim": 64, "heads": 4},
+         "mhim": {"base_kwargs": {"hidden_dim": 64, "attn_dim": 32}}, "r2t": {"dim": 32, "heads": 2},
+         "mambamil": {"hidden_dim": 32, "d_state": 8}, "scmil": {"hidden_dim": 64, "attn_dim": 32},
+         "instance_cls": {"hidden_dim": 64, "feat_dim": 32}, "otsurv": {"hidden_dim": 32, "n_prototypes": 8}}
 P, F = True, False
 # Verdicts that are clear-cut on every seed tried (None: borderline, or the model does not learn the task
 # reliably, which makes a "pass" vacuous). single_concept, multi_concept, false_frequency.
@@ -29,7 +33,14 @@ EXPECTED = {
     "mean": (F, F, F), "max": (F, F, F), "instance_max": (P, None, None), "abmil": (F, F, F),
     "abmil_gated": (F, F, F), "clam_sb": (F, F, F), "clam_mb": (F, F, F), "transmil": (F, F, F),
     "dsmil": (None, None, None), "acmil": (None, F, None),
+    "hopfield": (None, None, None), "mhim": (None, None, None), "r2t": (None, None, None),
+    "mambamil": (None, None, None), "scmil": (None, None, None), "instance_cls": (None, None, None),
+    "otsurv": (None, None, None),
 }
+# Models that learn too slowly for this short run (20 epochs, 80 bags) to assert that they learn: DSMIL at its
+# paper learning rate; SC-MIL, whose cross-entropy weight only grows late in training (16 bags per step, so
+# 5 steps per epoch here).
+SLOW_LEARNERS = {"dsmil", "scmil"}
 # All models on the single-concept test (the standard MIL assumption); the two threshold-MIL tests on a
 # representative subset here (all models in docs/mil.md).
 CASES = [(m, "single_concept") for m in MODELS] + [
@@ -87,7 +98,7 @@ def test_algorithmic_unit_test(model, test):
     r = run_unit_test(model, test, seed=0, model_kwargs=SMALL.get(model), epochs=20)
     summary = f"{model} {test}: i.i.d. AUC {r['auc_iid']:.2f}, shifted AUC {r['auc_shifted']:.2f}"
     print(summary, "pass" if r["passed"] else "FAIL")
-    if test == "single_concept" and model != "dsmil":
+    if test == "single_concept" and model not in SLOW_LEARNERS:
         assert r["auc_iid"] >= 0.8, summary  # the model learns the training distribution
     want = EXPECTED[model][UNIT_TESTS.index(test)]
     if want is not None and r["auc_iid"] >= 0.8:  # a verdict only means something for a model that learned

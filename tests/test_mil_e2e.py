@@ -18,9 +18,13 @@ import pytest
 from pipeline.mil.__main__ import main as mil_main
 from pipeline.mil.train import train
 
-MODELS = ["mean", "max", "instance_max", "abmil", "abmil_gated", "clam_sb", "clam_mb", "transmil", "dsmil", "acmil"]
-# Paper defaults, except a narrower TransMIL (still Nyström attention: 32 landmarks < ~75 tokens) for speed.
-MODEL_KWARGS = {"transmil": {"dim": 128, "heads": 4, "num_landmarks": 32}}
+MODELS = ["mean", "max", "instance_max", "abmil", "abmil_gated", "clam_sb", "clam_mb", "transmil", "dsmil", "acmil",
+          "hopfield", "mhim", "r2t", "mambamil", "scmil", "instance_cls", "otsurv"]
+# Paper defaults, except narrower TransMIL (still Nyström attention: 32 landmarks < ~75 tokens), R²T and
+# MambaMIL (the selective scan is the slow part on CPU) for speed. R²T cuts the real patch grid into regions.
+MODEL_KWARGS = {"transmil": {"dim": 128, "heads": 4, "num_landmarks": 32},
+                "r2t": {"dim": 128, "heads": 4, "region_num": 4},
+                "mambamil": {"hidden_dim": 128, "d_state": 8}}
 # TransMIL's paper recipe (Lookahead-RAdam at lr 2e-4, 2 bags per step) is made for its 200 epochs; in this
 # test's 25 it gets one bag per step and lr 1e-3.
 TRAIN_KWARGS = {"transmil": {"batch_size": 1, "lr": 1e-3}}

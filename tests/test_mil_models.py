@@ -10,8 +10,11 @@ import torch
 from pipeline.mil import MILError, create_model, list_models, model_defaults, resolve_model_kwargs
 from pipeline.mil.transmil import NystromAttention, moore_penrose_pinv
 
-MODELS = ["mean", "max", "instance_max", "abmil", "abmil_gated", "clam_sb", "clam_mb", "transmil", "dsmil", "acmil"]
-ATTENTION = {"abmil", "abmil_gated", "abmil_plain", "clam_sb", "clam_mb", "transmil", "dsmil", "acmil"}
+MODELS = ["mean", "max", "instance_max", "abmil", "abmil_gated", "clam_sb", "clam_mb", "transmil", "dsmil", "acmil",
+          "hopfield", "mhim", "r2t", "mambamil", "scmil", "instance_cls", "otsurv"]
+ATTENTION = {"abmil", "abmil_gated", "abmil_plain", "clam_sb", "clam_mb", "transmil", "dsmil", "acmil",
+             "hopfield", "mhim", "r2t", "mambamil", "scmil", "otsurv"}
+CLASSIFICATION_ONLY = {"scmil", "instance_cls"}
 TASKS = [("classification", 2), ("classification", 3), ("survival", 4), ("survival", 1), ("regression", 1)]
 
 
@@ -45,6 +48,10 @@ def test_abmil_names():
 @pytest.mark.parametrize("task,n_out", TASKS)
 def test_interface(model, task, n_out):
     torch.manual_seed(0)
+    if model in CLASSIFICATION_ONLY and task != "classification":
+        with pytest.raises(MILError, match="classification"):
+            create_model(model, 12, n_out, task=task)
+        return
     net = create_model(model, 12, n_out, task=task)
     label = torch.tensor(1) if task == "classification" else None
     for n in (0, 1, 3, 40):

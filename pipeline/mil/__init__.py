@@ -25,7 +25,24 @@ Model interface (every registered model follows it, so training and inference ne
 
 * a model that needs the bag label for an auxiliary loss (e.g. CLAM's instance clustering) sets the class
   attribute ``uses_label = True``; for classification the trainer then calls ``model(features, label=y)``
-  during training (``y`` a 0-d long tensor).
+  during training (``y`` a 0-d long tensor);
+* a model that needs where each instance lies (e.g. R²T's regions of the patch grid) sets ``uses_coords =
+  True`` (a class or instance attribute); training, evaluation and inference then call ``model(features,
+  coords=c)`` with ``c`` the bag's patch coordinates, a float tensor ``(N, 2)`` (level-0 ``x, y`` of each
+  patch, in the bag's order; the same subset as ``features`` under ``--max-instances``). ``c`` may be
+  ``None`` (in-memory data without coordinates), and the model must then fall back to something sensible.
+  :func:`call_model` passes ``coords`` and ``label`` to the models that declare them.
+
+Optional training hooks, called by the trainer (``pipeline.mil.train.fit``) when the model has them:
+
+* ``set_progress(step, total)``: before each optimiser step's forward passes, with the 0-based step and
+  the planned number of steps (``epochs × batches per epoch``; early stopping may end training before
+  ``total``). For schedules that move with training (SC-MIL's loss weight, OTSurv's transported mass);
+* ``batch_loss(outs, labels)``: after the forward passes of a mini-batch, with the list of the bags' output
+  dicts and ``labels`` (long tensor ``(B,)``: the class index for classification, the event for survival,
+  the target stratum for regression); returns a scalar added to the batch loss (already weighted), or
+  None. For losses over several bags (SC-MIL's supervised contrastive loss);
+* ``after_step()``: after each optimiser step (e.g. an exponential-moving-average teacher, MHIM-MIL).
 
 Each registration carries, as data, the training recipe of the model's paper (see :data:`RECIPE_KEYS`):
 the optimiser (``optimizer``, ``betas``, ``lr``, ``weight_decay``), the learning-rate schedule
@@ -42,7 +59,7 @@ from typing import Any, Callable
 from ..config import CHOICES as _CHOICES  # the one home of the setting choices
 
 __all__ = ["MILError", "register_model", "create_model", "list_models", "resolve_model_kwargs",
-           "model_defaults", "model_recipe", "TASKS", "RECIPE_KEYS", "TRAIN_DEFAULTS", "OPTIMIZERS", "SCHEDULES", "SELECT"]
+           "model_defaults", "model_recipe", "call_model", "TASKS", "RECIPE_KEYS", "TRAIN_DEFAULTS", "OPTIMIZERS", "SCHEDULES", "SELECT"]
 
 #: Tasks a model can be built for (the labels CSV decides, or ``--task``).
 TASKS = ("classification", "survival", "regression")
@@ -184,5 +201,17 @@ def create_model(name: str, in_dim: int, n_classes: int, task: str = "classifica
         raise MILError(f"model {name!r}: {exc}") from None
 
 
+def call_model(model: Any, features: Any, coords: Any = None, label: Any = None) -> dict[str, Any]:
+    """``model(features)``, passing ``coords`` to models with ``uses_coords`` and ``label`` (when not None)
+    to models with ``uses_label``."""
+    kw: dict[str, Any] = {}
+    if getattr(model, "uses_coords", False):
+        kw["coords"] = coords
+    if label is not None and getattr(model, "uses_label", False):
+        kw["label"] = label
+    return model(features, **kw)
+
+
 # Model files register themselves on import.
 from . import abmil, acmil, clam, dsmil, pooling, transmil  # noqa: E402,F401
+from . import hopfield, instance_cls, mambamil, mhim, otsurv, r2t, scmil  # noqa: E402,F401

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "workflow resolves from its `mil` section): defaults of the "
                                                    "options below, `model_args` for model hyper-parameters")
     t.add_argument("--model", default=D["model"] or DEFAULT_MIL_MODEL,
-                   help=f"registered model (default {DEFAULT_MIL_MODEL}; {', '.join(list_models())})")
+                   help=f"registered model (default {DEFAULT_MIL_MODEL}; {', '.join(list_models())}); "
+                        "the wrappers mhim and r2t take their aggregator as --model-arg base=NAME")
     t.add_argument("--out", required=True, metavar="DIR")
     t.add_argument("--task", default=D["task"], choices=_choices("task"),
                    help="default auto: time+event columns -> survival, non-integer numeric label -> regression, "
@@ -101,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-bins", type=int, default=D["n_bins"], help="time intervals of the discrete-time survival loss")
     t.add_argument("--regression-loss", default=D["regression_loss"], choices=_choices("regression_loss"),
                    help="regression loss (default mse)")
+    t.add_argument("--regression-bounds", nargs=2, type=float, default=D["regression_bounds"], metavar=("LO", "HI"),
+                   help="bounded regression output LO + (HI - LO)·sigmoid (e.g. 0 100 for a percentage; WeakSTIL)")
+    t.add_argument("--regression-threshold", type=float, default=D["regression_threshold"], metavar="T",
+                   help="also report the AUC of the prediction for target >= T (regression)")
     t.add_argument("--hidden-dim", type=int, default=D["hidden_dim"], help="model hidden size (model default if unset)")
     t.add_argument("--attn-dim", type=int, default=D["attn_dim"], help="attention size (model default if unset)")
     t.add_argument("--dropout", type=float, default=D["dropout"], help="dropout (model default if unset)")
@@ -189,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                   survival_loss=args.survival_loss, n_bins=args.n_bins, regression_loss=args.regression_loss,
                   optimizer=args.optimizer, betas=args.betas, schedule=args.schedule, min_lr=args.min_lr,
                   min_epochs=args.min_epochs, select=args.select, threads=args.threads,
-                  allow_unknown_encoder=args.allow_unknown_encoder)
+                  allow_unknown_encoder=args.allow_unknown_encoder, regression_bounds=args.regression_bounds,
+                  regression_threshold=args.regression_threshold)
         elif args.cmd == "predict":
             from .predict import predict
 

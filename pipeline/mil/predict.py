@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..store import read_bag
-from . import MILError, create_model
+from . import MILError, call_model, create_model
 from .data import check_compatible, open_bags
 from .tasks import ClassificationTask, task_from_config
 from .train import _autocast, pick_device, write_csv_atomic
@@ -85,9 +85,11 @@ def load_models(model_dir: str | os.PathLike, device: Any = None) -> tuple[dict[
     return cfg, models
 
 
-def predict_features(models: list[Any], features: np.ndarray, device: Any = None, with_scores: bool = False):
+def predict_features(models: list[Any], features: np.ndarray, device: Any = None, with_scores: bool = False,
+                     coords: np.ndarray | None = None):
     """Fold-mean prediction and attention ``(N,)`` (None if a model has none) for one bag; with
     ``with_scores`` also the fold-mean instance scores ``(N,)`` or ``(N, C)`` (None if a model has none).
+    ``coords`` ``(N, 2)``: the bag's patch coordinates, passed to models that use them.
 
     The prediction is the class probabilities ``(C,)`` for classification, ``(1,)`` risk for survival,
     ``(1,)`` value for regression.
@@ -96,6 +98,7 @@ def predict_features(models: list[Any], features: np.ndarray, device: Any = None
 
     dev = device if device is not None else next(models[0].parameters()).device
     x0 = torch.from_numpy(np.asarray(features, dtype=np.float32)).to(dev)
+    c0 = None if coords is None else torch.from_numpy(np.asarray(coords, dtype=np.float32)).to(dev)
     preds, atts, scores = [], [], []
     with torch.inference_mode():
         for net in models:
@@ -105,7 +108,7 @@ def predict_features(models: list[Any], features: np.ndarray, device: Any = None
             norm = getattr(net, "mil_norm", None)
             x = x0 if norm is None else (x0 - norm[0]) / norm[1]
             with _autocast(dev):
-                out = net(x)
+                out = call_model(net, x, coords=c0)
             logits = out["logits"].float().cpu().numpy()[None].astype(np.float64)
             preds.append(task.predict(logits)[0])
             a = out.get("attention")
@@ -159,7 +162,7 @@ def _predict(model_dir, bags, out_csv, attention_dir, device) -> pd.DataFrame:
         bag = read_bag(opened[sid].path)
         if bag.n == 0:
             log.warning("%s: empty bag (no patches); prediction is the models' prior", bag.path)
-        pred, att, sc = predict_features(models, bag.features, dev, with_scores=True)
+        pred, att, sc = predict_features(models, bag.features, dev, with_scores=True, coords=bag.coords)
         if not np.all(np.isfinite(pred)):
             raise MILError(f"{bag.path}: non-finite prediction")
         row: dict[str, Any] = {"slide_id": sid}

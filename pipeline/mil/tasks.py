@@ -15,7 +15,11 @@
 
   Metric: Harrell's concordance index (C-index) of the risk.
 * ``regression`` (numeric ``label``): one output, the standardised target (mean and standard deviation of the
-  training fold); loss MSE or MAE; metrics MSE, MAE and Pearson's r on the original scale.
+  training fold); loss MSE or MAE; metrics MSE, MAE, Pearson's r and R² (``1 - SS_res / SS_tot``) on the
+  original scale. WeakSTIL-style bounded regression (``bounds=(lo, hi)``, e.g. a percentage in [0, 100];
+  Schirris et al. 2022): the output goes through a sigmoid, ``pred = lo + (hi - lo) · sigmoid(output)``, and
+  the loss compares ``sigmoid(output)`` with the target rescaled to [0, 1]. With a ``threshold`` the metrics
+  add the AUC of the prediction for "target >= threshold" (e.g. a clinical cut-off on a score).
 
 A task object is built per training fold (the survival intervals and the regression scaling come from that
 fold's training bags), stored in the fold checkpoint with :meth:`Task.config` and rebuilt by
@@ -281,16 +285,45 @@ def pearson_r(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def r_squared(pred: np.ndarray, y: np.ndarray) -> float | None:
+    """Coefficient of determination ``1 - Σ(y - p)² / Σ(y - ȳ)²`` (None for fewer than 2 or constant targets)."""
+    p = np.asarray(pred, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    ss_tot = float(((y - y.mean()) ** 2).sum()) if len(y) else 0.0
+    if len(y) < 2 or ss_tot == 0:
+        return None
+    return 1.0 - float(((y - p) ** 2).sum()) / ss_tot
+
+
+def check_bounds(bounds: Sequence[float] | None) -> tuple[float, float] | None:
+    if bounds is None:
+        return None
+    lo, hi = (float(b) for b in bounds)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise MILError(f"regression bounds must be two finite numbers LO < HI (got {list(bounds)})")
+    return lo, hi
+
+
 class RegressionTask(Task):
     name = "regression"
     n_outputs = 1
 
     def __init__(self, loss: str = "mse", mean: float | None = None, std: float | None = None,
-                 target: np.ndarray | None = None, fit_idx: Sequence[int] | None = None):
+                 target: np.ndarray | None = None, fit_idx: Sequence[int] | None = None,
+                 bounds: Sequence[float] | None = None, threshold: float | None = None):
         if loss not in REGRESSION_LOSSES:
             raise MILError(f"unknown regression loss {loss!r} (known: {', '.join(REGRESSION_LOSSES)})")
         self.loss_name = loss
         self.target = None if target is None else np.asarray(target, dtype=np.float64)
+        self.bounds = check_bounds(bounds)
+        self.threshold = None if threshold is None else float(threshold)
+        if self.bounds is not None and self.target is not None:
+            lo, hi = self.bounds
+            t = self.target if fit_idx is None else self.target[np.asarray(fit_idx, dtype=np.int64)]
+            bad = int(((t < lo) | (t > hi)).sum())
+            if bad:
+                raise MILError(f"{bad} regression target(s) outside the bounds [{lo:g}, {hi:g}] "
+                               f"(range {t.min():g} to {t.max():g})")
         if mean is None:
             t = self.target if fit_idx is None else self.target[np.asarray(fit_idx, dtype=np.int64)]
             mean, std = float(t.mean()), float(t.std())
@@ -298,19 +331,33 @@ class RegressionTask(Task):
         self.std = float(std) if std and math.isfinite(std) and std > 0 else 1.0
 
     def config(self) -> dict[str, Any]:
-        return {"task": self.name, "loss": self.loss_name, "target_mean": self.mean, "target_std": self.std}
+        cfg = {"task": self.name, "loss": self.loss_name, "target_mean": self.mean, "target_std": self.std}
+        if self.bounds is not None:
+            cfg["bounds"] = list(self.bounds)
+        if self.threshold is not None:
+            cfg["threshold"] = self.threshold
+        return cfg
 
     def loss(self, logits, idx):
         torch = _torch()
-        z = torch.as_tensor((self.target[np.asarray(idx)] - self.mean) / self.std, dtype=torch.float32,
-                            device=logits.device)
-        p = logits.float()[:, 0]
+        y = self.target[np.asarray(idx)]
+        if self.bounds is not None:
+            lo, hi = self.bounds
+            z = torch.as_tensor((y - lo) / (hi - lo), dtype=torch.float32, device=logits.device)
+            p = torch.sigmoid(logits.float()[:, 0])
+        else:
+            z = torch.as_tensor((y - self.mean) / self.std, dtype=torch.float32, device=logits.device)
+            p = logits.float()[:, 0]
         if self.loss_name == "mae":
             return (p - z).abs().mean()
         return ((p - z) ** 2).mean()
 
     def predict(self, logits):
-        return np.asarray(logits, dtype=np.float64)[:, :1] * self.std + self.mean
+        z = np.asarray(logits, dtype=np.float64)[:, :1]
+        if self.bounds is not None:
+            lo, hi = self.bounds
+            return lo + (hi - lo) / (1.0 + np.exp(-z))
+        return z * self.std + self.mean
 
     def score(self, logits):
         return self.predict(logits)[:, 0]
@@ -323,7 +370,18 @@ class RegressionTask(Task):
         p = np.asarray(pred, dtype=np.float64)[:, 0]
         out: dict[str, Any] = {"mse": float(np.mean((p - y) ** 2)) if len(y) else None,
                                "mae": float(np.mean(np.abs(p - y))) if len(y) else None,
-                               "pearson_r": pearson_r(p, y)}
+                               "pearson_r": pearson_r(p, y), "r2": r_squared(p, y), "auc": None}
+        if self.threshold is None:
+            out["auc_note"] = "no --regression-threshold: AUC not computed"
+        else:
+            pos = y >= self.threshold
+            if pos.all() or not pos.any():
+                out["auc_note"] = (f"all {len(y)} test target(s) on one side of the threshold "
+                                   f"{self.threshold:g}; AUC undefined")
+            else:
+                from sklearn.metrics import roc_auc_score
+
+                out["auc"] = float(roc_auc_score(pos, p))
         return out
 
 
@@ -333,7 +391,7 @@ class RegressionTask(Task):
 PRIMARY_METRIC = {"classification": "auc", "survival": "c_index", "regression": "pearson_r"}
 METRIC_KEYS = {"classification": ("auc", "balanced_accuracy", "accuracy", "f1"),
                "survival": ("c_index",),
-               "regression": ("mse", "mae", "pearson_r")}
+               "regression": ("mse", "mae", "pearson_r", "r2", "auc")}
 
 
 def task_from_config(cfg: dict[str, Any]) -> Task:
@@ -344,5 +402,6 @@ def task_from_config(cfg: dict[str, Any]) -> Task:
     if name == "survival":
         return SurvivalTask(cfg.get("loss", "nll"), bin_edges=cfg.get("bin_edges") or [])
     if name == "regression":
-        return RegressionTask(cfg.get("loss", "mse"), mean=cfg["target_mean"], std=cfg["target_std"])
+        return RegressionTask(cfg.get("loss", "mse"), mean=cfg["target_mean"], std=cfg["target_std"],
+                              bounds=cfg.get("bounds"), threshold=cfg.get("threshold"))
     raise MILError(f"unknown task {name!r} in a model config")

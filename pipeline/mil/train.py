@@ -39,10 +39,10 @@ import pandas as pd
 from .. import STAGE_VERSIONS, __version__
 from ..files import atomic_path, sha256_file, write_json_atomic
 from ..provenance import provenance
-from . import MILError, create_model, model_defaults, resolve_model_kwargs
+from . import MILError, call_model, create_model, model_defaults, resolve_model_kwargs
 from .data import MILDataset, load_dataset
 from .tasks import (METRIC_KEYS, PRIMARY_METRIC, REGRESSION_LOSSES, SURVIVAL_LOSSES, ClassificationTask,
-                    RegressionTask, SurvivalTask, Task, class_weights, compute_metrics, time_bins)
+                    RegressionTask, SurvivalTask, Task, check_bounds, class_weights, compute_metrics, time_bins)
 
 log = logging.getLogger("pipeline.mil")
 
@@ -216,7 +216,8 @@ __all__ = ["cv_splits", "holdout_split", "fit", "evaluate", "train", "train_data
 
 
 def make_task(ds: MILDataset, fit_idx: Sequence[int], *, balance: str = "loss", survival_loss: str = "nll",
-              n_bins: int = 4, regression_loss: str = "mse") -> Task:
+              n_bins: int = 4, regression_loss: str = "mse", regression_bounds: Sequence[float] | None = None,
+              regression_threshold: float | None = None) -> Task:
     """The task of one training fold (class weights, survival intervals, target scaling from ``fit_idx``)."""
     fit_idx = np.asarray(fit_idx, dtype=np.int64)
     if ds.task == "classification":
@@ -226,7 +227,8 @@ def make_task(ds: MILDataset, fit_idx: Sequence[int], *, balance: str = "loss", 
         edges = time_bins(ds.time[fit_idx], ds.event[fit_idx], n_bins) if survival_loss == "nll" else []
         return SurvivalTask(survival_loss, bin_edges=edges, time=ds.time, event=ds.event)
     if ds.task == "regression":
-        return RegressionTask(regression_loss, target=ds.target, fit_idx=fit_idx)
+        return RegressionTask(regression_loss, target=ds.target, fit_idx=fit_idx, bounds=regression_bounds,
+                              threshold=regression_threshold)
     raise MILError(f"unknown task {ds.task!r}")
 
 
@@ -260,14 +262,23 @@ def fold_feature_stats(ds: MILDataset, idx: Sequence[int]) -> tuple[np.ndarray, 
 
 # ----------------------------------------------------------------------------------------------- loops
 
-def _bag(ds: MILDataset, i: int, device, norm=None, max_instances: int | None = None, rng=None):
+def _bag(ds: MILDataset, i: int, device, norm=None, max_instances: int | None = None, rng=None,
+         with_coords: bool = False):
+    """Features of bag ``i`` (optionally a random subset, standardised); with ``with_coords`` also its patch
+    coordinates ``(N, 2)`` (float32, the same subset) or None when the dataset has none."""
+    import torch
+
     x = ds.tensor(int(i), device)
+    c = None
+    if with_coords and ds.coords is not None and len(ds.coords) > int(i):
+        c = torch.as_tensor(np.asarray(ds.coords[int(i)], dtype=np.float32), device=device)
     if max_instances is not None and x.shape[0] > max_instances:
         keep = np.sort(rng.choice(x.shape[0], int(max_instances), replace=False))
         x = x[torch_index(keep, x.device)]
+        c = None if c is None else c[torch_index(keep, c.device)]
     if norm is not None:
         x = (x - norm[0]) / norm[1]
-    return x
+    return (x, c) if with_coords else x
 
 
 def torch_index(idx: np.ndarray, device):
@@ -299,8 +310,9 @@ def evaluate(model, ds: MILDataset, idx: Sequence[int], device, task: Task | Non
     outs = []
     with torch.inference_mode():
         for i in idx:
+            x, c = _bag(ds, i, device, norm, with_coords=True)
             with _autocast(device):
-                out = model(_bag(ds, i, device, norm))
+                out = call_model(model, x, coords=c)
             outs.append(out["logits"].float())
         if not outs:
             return np.zeros((0, 0)), None
@@ -370,6 +382,11 @@ def fit(model, ds: MILDataset, train_idx: Sequence[int], val_idx: Sequence[int],
     since = 0
     skipped = 0
     bs = max(1, int(batch_size))
+    # Optional model hooks (see the interface in pipeline/mil/__init__.py).
+    set_progress = getattr(model, "set_progress", None)
+    batch_loss = getattr(model, "batch_loss", None)
+    after_step = getattr(model, "after_step", None)
+    step, total_steps = 0, epochs * math.ceil(len(steps) / bs)
     for epoch in range(1, epochs + 1):
         model.train()
         t0 = time.monotonic()
@@ -382,14 +399,15 @@ def fit(model, ds: MILDataset, train_idx: Sequence[int], val_idx: Sequence[int],
             if cox and not ds.event[batch].any():
                 skipped += 1  # no observed event: the partial likelihood is empty, nothing to learn
                 continue
+            if set_progress is not None:
+                set_progress(step, total_steps)
+            step += 1
             outs = []
             for i in batch:
-                x = _bag(ds, i, device, norm, max_instances, rng)
+                x, c = _bag(ds, i, device, norm, max_instances, rng, with_coords=True)
                 with _autocast(device):
-                    if uses_label:
-                        out = model(x, label=torch.tensor(int(ds.y[i]), device=device))
-                    else:
-                        out = model(x)
+                    out = call_model(model, x, coords=c,
+                                     label=torch.tensor(int(ds.y[i]), device=device) if uses_label else None)
                 outs.append(out)
             terms = [o.get("loss_logits") or [(o["logits"], 1.0)] for o in outs]
             if cox:
@@ -404,6 +422,10 @@ def fit(model, ds: MILDataset, train_idx: Sequence[int], val_idx: Sequence[int],
             aux = [o["aux_loss"].float() for o in outs if o.get("aux_loss") is not None]
             if aux:
                 loss = loss + sum(aux) / len(batch)
+            if batch_loss is not None:
+                extra = batch_loss(outs, torch.as_tensor(ds.y[batch], dtype=torch.long, device=device))
+                if extra is not None:
+                    loss = loss + extra.float()
             if aem_lambda:
                 ents = [e for e in (_entropy(o) for o in outs) if e is not None]
                 if ents:
@@ -413,6 +435,8 @@ def fit(model, ds: MILDataset, train_idx: Sequence[int], val_idx: Sequence[int],
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if after_step is not None:
+                after_step()
             total += float(loss.detach())
             n_batches += 1
         train_loss = total / max(1, n_batches)
@@ -538,9 +562,16 @@ class torch_threads:
 def _check_settings(folds, epochs, lr, weight_decay, patience, val_fraction, batch_size=None, balance="loss",
                     max_instances=None, standardize=False, aem=False, aem_lambda=None, survival_loss="nll",
                     n_bins=4, regression_loss="mse", optimizer=None, betas=None, schedule=None, min_lr=None,
-                    min_epochs=None, select=None, threads=None) -> None:
+                    min_epochs=None, select=None, threads=None, regression_bounds=None,
+                    regression_threshold=None) -> None:
     from . import OPTIMIZERS, SCHEDULES, SELECT
 
+    if regression_bounds is not None:
+        if len(regression_bounds) != 2:
+            raise MILError(f"--regression-bounds needs two numbers LO HI (got {list(regression_bounds)})")
+        check_bounds(regression_bounds)
+    if regression_threshold is not None and not math.isfinite(float(regression_threshold)):
+        raise MILError(f"--regression-threshold must be a finite number (got {regression_threshold})")
     if folds < 1:
         raise MILError(f"--folds must be >= 1 (got {folds})")
     if epochs is not None and epochs < 1:
@@ -687,7 +718,8 @@ def train_dataset(ds: MILDataset, out_dir: str | os.PathLike, *, model: str = "a
                   regression_loss: str = "mse", optimizer: str | None = None,
                   betas: Sequence[float] | None = None, schedule: str | None = None, min_lr: float | None = None,
                   min_epochs: int | None = None, select: str | None = None,
-                  threads: int | None = None) -> dict[str, Any]:
+                  threads: int | None = None, regression_bounds: Sequence[float] | None = None,
+                  regression_threshold: float | None = None) -> dict[str, Any]:
     """Cross-validate (or, with ``folds=1``, train one model; or train/test on the labels' ``split`` column)
     on an in-memory dataset; write the outputs.
 
@@ -700,7 +732,8 @@ def train_dataset(ds: MILDataset, out_dir: str | os.PathLike, *, model: str = "a
     settings = dict(batch_size=batch_size, balance=balance, max_instances=max_instances, standardize=standardize,
                     aem=aem, aem_lambda=aem_lambda, survival_loss=survival_loss, n_bins=n_bins,
                     regression_loss=regression_loss, optimizer=optimizer, betas=betas, schedule=schedule,
-                    min_lr=min_lr, min_epochs=min_epochs, select=select, threads=threads)
+                    min_lr=min_lr, min_epochs=min_epochs, select=select, threads=threads,
+                    regression_bounds=regression_bounds, regression_threshold=regression_threshold)
     _check_settings(folds, epochs, lr, weight_decay, patience, val_fraction, **settings)
     with torch_threads(threads):
         return _train_dataset(ds, out_dir, model=model, folds=folds, seed=seed, epochs=epochs, lr=lr,
@@ -711,7 +744,7 @@ def train_dataset(ds: MILDataset, out_dir: str | os.PathLike, *, model: str = "a
 def _train_dataset(ds: MILDataset, out_dir, *, model, folds, seed, epochs, lr, weight_decay, patience, val_fraction,
                    model_kwargs, device, inputs, batch_size, balance, max_instances, standardize, aem, aem_lambda,
                    survival_loss, n_bins, regression_loss, optimizer, betas, schedule, min_lr, min_epochs, select,
-                   threads) -> dict[str, Any]:
+                   threads, regression_bounds, regression_threshold) -> dict[str, Any]:
     import torch
 
     model_kwargs = resolve_model_kwargs(model, **(model_kwargs or {}))
@@ -755,6 +788,15 @@ def _train_dataset(ds: MILDataset, out_dir, *, model, folds, seed, epochs, lr, w
             params["n_bins"] = int(n_bins)
     if ds.task == "regression":
         params["regression_loss"] = regression_loss
+        if regression_bounds is not None:
+            lo, hi = check_bounds(regression_bounds)
+            params["regression_bounds"] = [lo, hi]
+            out_of = [s for s, t in zip(ds.slide_ids, ds.target) if not lo <= t <= hi]
+            if out_of:
+                raise MILError(f"{len(out_of)} slide(s) have a target outside --regression-bounds {lo:g} {hi:g}: "
+                               f"{', '.join(out_of[:10])}")
+        if regression_threshold is not None:
+            params["regression_threshold"] = float(regression_threshold)
     base = {"model": model, "model_kwargs": model_kwargs, "in_dim": ds.in_dim, "task": ds.task,
             "classes": ds.classes, "n_classes": ds.n_classes, "feature_attrs": ds.feature_attrs,
             "standardize": bool(standardize)}
@@ -778,7 +820,8 @@ def _train_dataset(ds: MILDataset, out_dir, *, model, folds, seed, epochs, lr, w
             tr, va = holdout_split(trval, ds.y, ds.groups, val_fraction, fold_seed)
         parts.append((tr, va, test))
         task = make_task(ds, tr, balance=balance, survival_loss=survival_loss, n_bins=n_bins,
-                         regression_loss=regression_loss)
+                         regression_loss=regression_loss, regression_bounds=regression_bounds,
+                         regression_threshold=regression_threshold)
         norm_np = fold_feature_stats(ds, tr) if standardize else None
         norm = None if norm_np is None else tuple(torch.from_numpy(a).to(dev) for a in norm_np)
         set_seed(fold_seed)
