@@ -43,3 +43,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def image():
+    """A smooth random RGB image (700 x 900) for the JPEG tile tests."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return cv2.GaussianBlur(rng.integers(0, 255, (700, 900, 3), dtype=np.uint8), (0, 0), 3)
+
+
+@pytest.fixture(scope="module")
+def abbreviated(tmp_path_factory, image):
+    """Aperio-style files: abbreviated tiles + JPEGTables; RGB-coded with YCbCr-like component ids."""
+    from pipeline.bench import abbreviated_jpeg_tiff
+
+    d = tmp_path_factory.mktemp("abbrev")
+    return {"rgb": abbreviated_jpeg_tiff(d / "rgb.tif", image, rgb=True),
+            "ycbcr": abbreviated_jpeg_tiff(d / "ycbcr.tif", image, rgb=False)}

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.bench import abbreviated_jpeg_tiff
 from pipeline.features import create_encoder
 from pipeline.features import device as dv
 from pipeline.features import extract as ex
@@ -23,20 +22,6 @@ from pipeline.synthetic import make_slide
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),  # small models: one thread is fastest on 2 shared cores
               pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture(scope="module")
-def image():
-    rng = np.random.default_rng(0)
-    return cv2.GaussianBlur(rng.integers(0, 255, (700, 900, 3), dtype=np.uint8), (0, 0), 3)
-
-
-@pytest.fixture(scope="module")
-def abbreviated(tmp_path_factory, image):
-    """Aperio-style files: abbreviated tiles + JPEGTables; RGB-coded with YCbCr-like component ids."""
-    d = tmp_path_factory.mktemp("abbrev")
-    return {"rgb": abbreviated_jpeg_tiff(d / "rgb.tif", image, rgb=True),
-            "ycbcr": abbreviated_jpeg_tiff(d / "ycbcr.tif", image, rgb=False)}
 
 
 @pytest.fixture(scope="module")

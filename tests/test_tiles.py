@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import io
 
-import cv2
 import numpy as np
 import pytest
 import tifffile
 import torch
 
-from pipeline.bench import abbreviated_jpeg_tiff
 from pipeline.slide import SlideError, open_slide
 from pipeline.synthetic import make_slide
 from pipeline.tiles import ADOBE_RGB, jpeg_segments, open_tiled_jpeg, standalone_jpeg
@@ -70,20 +68,6 @@ def test_truncated_file_is_a_slide_error(tmp_path, slides):
         with pytest.raises(SlideError) as exc:
             s.read_level_region(0, W // 2, H - 300, 256, 256)
         assert str(p) in str(exc.value)
-
-
-@pytest.fixture(scope="module")
-def image():
-    rng = np.random.default_rng(0)
-    return cv2.GaussianBlur(rng.integers(0, 255, (700, 900, 3), dtype=np.uint8), (0, 0), 3)
-
-
-@pytest.fixture(scope="module")
-def abbreviated(tmp_path_factory, image):
-    """Aperio-style files: abbreviated tiles + JPEGTables; RGB-coded with YCbCr-like component ids."""
-    d = tmp_path_factory.mktemp("abbrev")
-    return {"rgb": abbreviated_jpeg_tiff(d / "rgb.tif", image, rgb=True),
-            "ycbcr": abbreviated_jpeg_tiff(d / "ycbcr.tif", image, rgb=False)}
 
 
 def test_jpeg_segments_and_splicing():

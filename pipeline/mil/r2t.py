@@ -85,6 +85,17 @@ def _pad_regions(rid: torch.Tensor):
     return rid * p + pos, n_reg, p
 
 
+def _regions(h: torch.Tensor, rid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Instances ``h`` (N, dim) laid out per region: ``(x (R, P, dim) zero-padded, valid (R, P), slot (N,))``
+    where ``slot`` is each instance's position in the flattened ``R × P`` layout."""
+    n, dim = h.shape
+    slot, n_reg, p = _pad_regions(rid)
+    x = h.new_zeros(n_reg * p, dim).index_copy(0, slot, h).view(n_reg, p, dim)
+    valid = torch.zeros(n_reg * p, dtype=torch.bool, device=h.device)
+    valid[slot] = True
+    return x, valid.view(n_reg, p), slot
+
+
 class _MSA(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -115,12 +126,8 @@ class RegionalMSA(nn.Module):
             if int(epeg_k) > 0 else None
 
     def forward(self, h: torch.Tensor, rid: torch.Tensor) -> torch.Tensor:
-        n, dim = h.shape
-        slot, n_reg, p = _pad_regions(rid)
-        x = h.new_zeros(n_reg * p, dim).index_copy(0, slot, h).view(n_reg, p, dim)
-        valid = torch.zeros(n_reg * p, dtype=torch.bool, device=h.device)
-        valid[slot] = True
-        valid = valid.view(n_reg, p)
+        x, valid, slot = _regions(h, rid)
+        n_reg, p, dim = x.shape
         q, k, v = self.msa.split(x)  # (R, H, P, d)
         logits = (q @ k.transpose(-1, -2)).float() / math.sqrt(self.msa.d)  # (R, H, P, P)
         pair = valid[:, None, :, None] & valid[:, None, None, :]
@@ -142,12 +149,8 @@ class CrossRegionMSA(nn.Module):
         self.msa = _MSA(dim, heads)
 
     def forward(self, h: torch.Tensor, rid: torch.Tensor) -> torch.Tensor:
-        n, dim = h.shape
-        slot, n_reg, p = _pad_regions(rid)
-        x = h.new_zeros(n_reg * p, dim).index_copy(0, slot, h).view(n_reg, p, dim)
-        valid = torch.zeros(n_reg * p, dtype=torch.bool, device=h.device)
-        valid[slot] = True
-        valid = valid.view(n_reg, p)
+        x, valid, slot = _regions(h, rid)
+        n_reg, p, dim = x.shape
         s = self.w_a(x).float()  # (R, P, k)
         agg = torch.softmax(s.masked_fill(~valid[..., None], float("-inf")), dim=1)  # over the region's instances
         reps = agg.transpose(1, 2).to(x.dtype) @ x  # (R, k, dim)
