@@ -216,8 +216,9 @@ def _encode(todo: list[SlideJob], p: dict[str, Any], *, reader: str, default_mpp
     from ..slide import SlideError, open_slide
     from .extract import extract_slides
 
-    if threads:  # the job's CPUs: the reader processes take num_workers of them, the model the rest
-        torch.set_num_threads(max(1, int(threads) - int(p["num_workers"])))
+    if threads:  # the job's CPUs, for the model; the reader processes share them (they wait whenever the
+        # model is the bottleneck: measured faster than splitting the cores between them, docs/benchmarks.md)
+        torch.set_num_threads(max(1, int(threads)))
     if p["device"] in ("auto", "cuda") and torch.cuda.is_available():
         device, _held = claim_device(p["device"], torch.cuda.device_count())
         if device != p["device"]:
