@@ -514,11 +514,12 @@ def feature_agreement(slide: str, model: str, device: str, target_mpp: float = 0
 def gpu_suite(workdir: str, slides: list[str] | None = None, gen_width: int = 40000, gen_height: int = 30000,
               gen_count: int = 4, workers: int | None = None, batch_size: int = 256, extract_seconds: float = 8.0,
               models: tuple[str, ...] = ("vit_base_patch16_224", "vit_large_patch16_224"),
-              out_json: str | None = None) -> dict[str, Any]:
+              out_json: str | None = None, workflow_slides: int = 32) -> dict[str, Any]:
     """Every GPU-side measurement in one call (sized for a 10-minute run on an H100/H200 with 16 cores):
     per model, the ceiling, ``model`` and ``extract`` (GPU busy %) with the CPU readers and with nvJPEG;
     nvJPEG against the CPU decoder (synthetic slide and an Aperio-style RGB-coded file); CPU vs CUDA
-    feature cosine. Results are printed as they come (stderr) and returned / written as one JSON."""
+    feature cosine; the workflow's feature stage over ``workflow_slides`` slides (0: skip) vs in-process
+    extract. Results are printed as they come (stderr) and returned / written as one JSON."""
     import concurrent.futures as cf
 
     if not torch.cuda.is_available():
@@ -599,6 +600,26 @@ def gpu_suite(workdir: str, slides: list[str] | None = None, gen_width: int = 40
         log("read_scaling", {k: r[k] for k in ("patches", "by_workers", "scaling")})
     except Exception as exc:  # noqa: BLE001
         log("read_scaling", {"error": f"{type(exc).__name__}: {exc}"})
+    if workflow_slides:
+        # issue 9's GPU goal: the Snakemake workflow's feature stage (batched jobs, one GPU) over
+        # ``workflow_slides`` slides vs in-process extract on the same grids, ViT-L/16. The slides are links to
+        # the generated ones under distinct names (the workflow treats them as distinct slides).
+        try:
+            from .bench_workflow import bench_workflow
+
+            wdir = wd / "workflow_slides"
+            wdir.mkdir(exist_ok=True)
+            for i in range(int(workflow_slides)):
+                link = wdir / f"wf_{i:03d}{Path(slides[i % len(slides)]).suffix}"
+                if not link.exists():
+                    link.symlink_to(Path(slides[i % len(slides)]).resolve())
+            r = bench_workflow(str(wdir), models[-1], 0.5, 224, batch_size, "cuda", workers,
+                               cores=os.cpu_count(), results=str(wd / "workflow_run"))
+            log("workflow", {k: r.get(k) for k in (
+                "slides", "patches", "model", "feature_jobs", "slides_per_job", "feature_stage_seconds",
+                "patches_per_s", "slides_per_hour", "in_process_patches_per_s", "ratio_vs_in_process")})
+        except Exception as exc:  # noqa: BLE001
+            log("workflow", {"error": f"{type(exc).__name__}: {exc}"[:2000]})
     log("total_s", round(time.perf_counter() - t_start, 1))
     return res
 
@@ -663,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--batch-size", type=int, default=256)
     g.add_argument("--extract-seconds", type=float, default=8.0)
     g.add_argument("--out", default=None, help="also write the JSON here (updated after each step)")
+    g.add_argument("--workflow-slides", type=int, default=32,
+                   help="slides for the workflow step (links to the generated ones; 0: skip it)")
     w = sub.add_parser("workflow", help="the Snakemake workflow's feature stage vs in-process extract")
     w.add_argument("--slides", required=True, help="folder of slides (tissue and grids are made first, untimed)")
     w.add_argument("--model", required=True)
@@ -708,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
                             model_seconds=a.model_seconds)
     elif a.mode == "gpu-suite":
         res = gpu_suite(a.workdir, a.slide, a.gen_width, a.gen_height, a.gen_count, a.workers, a.batch_size,
-                        a.extract_seconds, out_json=a.out)
+                        a.extract_seconds, out_json=a.out, workflow_slides=a.workflow_slides)
     else:
         import resource
 

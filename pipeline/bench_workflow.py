@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -139,7 +140,8 @@ def bench_plan(n: int, work: str | None = None, slides_per_job: int = 16) -> dic
            "features": {"slides_per_job": int(slides_per_job)}}
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
     args = ["-n", "--cores", "2", "--configfile", str(tmp / "config.yaml"), "--quiet", "rules"]
-    _, first = _snakemake(args, tmp)
+    proc, first = _snakemake(args, tmp)
+    totals = re.findall(r"^total\s+(\d+)\s*$", proc.stdout + proc.stderr, flags=re.M)
     code = ("import resource, subprocess, sys, time, json; t=time.perf_counter(); "
             "r=subprocess.run(sys.argv[1:], capture_output=True); dt=time.perf_counter()-t; "
             "print(json.dumps({'rc': r.returncode, 'seconds': dt, "
@@ -152,7 +154,7 @@ def bench_plan(n: int, work: str | None = None, slides_per_job: int = 16) -> dic
                                        timeout=3600).stdout.strip().splitlines()[-1])
     if second["rc"] != 0:
         raise RuntimeError("the second planning run failed")
-    jobs = 3 * n + -(-n // slides_per_job) + 4  # tissue, grid, heatmap per slide; batches; mil x2, report, all
+    jobs = int(totals[-1]) if totals else None  # snakemake's own job count ("total" of its job stats)
     return {"mode": "plan", "slides": n, "jobs": jobs, "first_seconds": round(first, 1),
             "seconds": round(second["seconds"], 1), "peak_rss_mb": round(second["maxrss_mb"], 1),
             "machine": machine()}

@@ -67,3 +67,4 @@ def test_bench_workflow_and_plan(tmp_path, capsys):
     assert r["feature_stage_seconds"] > 0 and r["ratio_vs_in_process"] > 0 and r["in_process_patches_per_s"] > 0
     p = _run(capsys, ["plan", "--n", "30", "--work", str(tmp_path / "p")])
     assert p["mode"] == "plan" and p["slides"] == 30 and p["seconds"] > 0 and p["peak_rss_mb"] > 0
+    assert p["jobs"] >= 3 * 30 + 2  # snakemake's count: tissue, grid, heatmap per slide, batches, MIL, report
