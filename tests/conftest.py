@@ -63,3 +63,20 @@ def abbreviated(tmp_path_factory, image):
     d = tmp_path_factory.mktemp("abbrev")
     return {"rgb": abbreviated_jpeg_tiff(d / "rgb.tif", image, rgb=True),
             "ycbcr": abbreviated_jpeg_tiff(d / "ycbcr.tif", image, rgb=False)}
+
+
+@pytest.fixture
+def spawned_readers(monkeypatch) -> list[int]:
+    """The pids of every reader process a :class:`ReaderPool` starts during the test, in order."""
+    from pipeline.readers import ReaderPool
+
+    pids: list[int] = []
+    real_spawn = ReaderPool._spawn
+
+    def spawn(self, index):
+        w = real_spawn(self, index)
+        pids.append(w.proc.pid)
+        return w
+
+    monkeypatch.setattr(ReaderPool, "_spawn", spawn)
+    return pids

@@ -116,26 +116,16 @@ def test_workers_give_same_features(slide_and_grid, tmp_path):
     np.testing.assert_array_equal(read_bag(tmp_path / "a.zarr").features, read_bag(tmp_path / "b.zarr").features)
 
 
-def test_many_slides_share_one_pool_and_a_failure_stays_per_slide(slide_and_grid, tmp_path, monkeypatch):
+def test_many_slides_share_one_pool_and_a_failure_stays_per_slide(slide_and_grid, tmp_path, spawned_readers):
     """extract_slides: the reader processes are started once for all slides (the next slide is read while
     the current one is encoded); a broken slide is reported, the others complete, the error is raised
     at the end; bags equal single-slide runs bit for bit."""
     import shutil
 
-    from pipeline.readers import ReaderPool
-
     path, grid, gpath = slide_and_grid
     bad = tmp_path / "bad.svs"
     shutil.copy(path, bad)
-    spawned = []
-    real_spawn = ReaderPool._spawn
-
-    def spawn(self, index):
-        w = real_spawn(self, index)
-        spawned.append(w.proc.pid)
-        return w
-
-    monkeypatch.setattr(ReaderPool, "_spawn", spawn)
+    spawned = spawned_readers
     settings = dict(SETTINGS, num_workers=2)
     with open_slide(path) as s1, open_slide(bad) as s2, open_slide(path) as s3:
         src = bad.read_bytes()

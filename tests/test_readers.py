@@ -50,6 +50,15 @@ def _reference(spec, origins):
     return out
 
 
+def _check_stream(stream, spec, origins, bs):
+    """Every batch of ``stream`` equals the inline cut of the same patches; the stream is closed."""
+    ref = _reference(spec, origins)
+    for i, (a, b) in enumerate(_batches(len(origins), bs)):
+        np.testing.assert_array_equal(stream.get(i), ref[a:b])
+        stream.release(i)
+    stream.close()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -91,11 +100,7 @@ def test_pool_pixels_identical_to_inline_and_processes_reused(slides):
         pids = pool.pids()
         assert len(pids) == 2 and all(_alive(p) for p in pids)
         for stream, (spec, org) in zip(streams, jobs):  # the queued streams are read in turn, in order
-            ref = _reference(spec, org)
-            for i, (a, b) in enumerate(_batches(len(org), 5)):
-                np.testing.assert_array_equal(stream.get(i), ref[a:b])
-                stream.release(i)
-            stream.close()
+            _check_stream(stream, spec, org, 5)
         assert pool.pids() == pids  # the same processes served every slide
         assert pool.tiles_decoded > 0
     assert not any(_alive(p) for p in pids)
@@ -129,11 +134,7 @@ def test_slide_failure_is_reported_and_the_pool_goes_on(slides, tmp_path):
                 s1.release(i)
         assert str(bad) in str(exc.value)
         s1.close()
-        ref = _reference(spec_ok, org_ok)
-        for i, (a, b) in enumerate(_batches(len(org_ok), 8)):
-            np.testing.assert_array_equal(s2.get(i), ref[a:b])
-            s2.release(i)
-        s2.close()
+        _check_stream(s2, spec_ok, org_ok, 8)
 
 
 def test_dead_reader_is_reported_and_replaced(slides):
@@ -151,11 +152,7 @@ def test_dead_reader_is_reported_and_replaced(slides):
         spec2, org2 = _job(slides[1])
         s2 = pool.submit(spec2, org2, _batches(len(org2), 8))
         assert victim not in pool.pids() and len(pool.pids()) == 2
-        ref = _reference(spec2, org2)
-        for i, (a, b) in enumerate(_batches(len(org2), 8)):
-            np.testing.assert_array_equal(s2.get(i), ref[a:b])
-            s2.release(i)
-        s2.close()
+        _check_stream(s2, spec2, org2, 8)
 
 
 def test_consumer_holding_every_slot_is_an_error_not_a_hang(slides):
@@ -168,7 +165,7 @@ def test_consumer_holding_every_slot_is_an_error_not_a_hang(slides):
             stream.get(2)
 
 
-def test_keyboard_interrupt_leaves_no_reader_behind(slides, monkeypatch, tmp_path):
+def test_keyboard_interrupt_leaves_no_reader_behind(slides, monkeypatch, tmp_path, spawned_readers):
     """Ctrl-C during extraction: the exception propagates, the readers are stopped, finished batches
     are on disk (a rerun resumes after them)."""
     from pipeline.features import extract as ex
@@ -179,15 +176,7 @@ def test_keyboard_interrupt_leaves_no_reader_behind(slides, monkeypatch, tmp_pat
         grid = make_grid(s, np.ones((96, 128), bool), 16.0, {"patch_size": 64, "target_mpp": 1.0})
     gpath = tmp_path / "grid.json"
     gpath.write_text(json.dumps(grid))
-    spawned: list[int] = []
-    real_spawn = ReaderPool._spawn
-
-    def spawn(self, index):
-        w = real_spawn(self, index)
-        spawned.append(w.proc.pid)
-        return w
-
-    monkeypatch.setattr(ReaderPool, "_spawn", spawn)
+    spawned = spawned_readers
     calls = {"n": 0}
     real = ex.embed_batch
 

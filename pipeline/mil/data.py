@@ -165,6 +165,18 @@ def _numbers(rows: list[dict[str, str]], col: str, path: Path) -> np.ndarray:
 SPLIT_VALUES = ("train", "val", "test")
 
 
+def _coded(rows: list[dict[str, Any]], col: str, codes: dict[str, Any], path: Any, message: str) -> list[Any]:
+    """Column ``col`` of every row through ``codes`` (case-insensitive); the first value not in it is an
+    error naming the file, line and slide (``message`` formatted with the value)."""
+    out = []
+    for r in rows:
+        v = r[col].lower()
+        if v not in codes:
+            raise MILError(f"{_where(path, r['_line'], r['slide_id'])}: " + message.format(r[col]))
+        out.append(codes[v])
+    return out
+
+
 def read_labels(path: str | os.PathLike, task: str | None = None) -> pd.DataFrame:
     """Read a labels CSV.
 
@@ -211,15 +223,9 @@ def read_labels(path: str | os.PathLike, task: str | None = None) -> pd.DataFram
         data["label"] = _numbers(rows, "label", path)
     else:
         data["time"] = _numbers(rows, "time", path)
-        mapping = {"1": 1, "0": 0, "1.0": 1, "0.0": 0, "true": 1, "false": 0, "yes": 1, "no": 0}
-        events = []
-        for r in rows:
-            v = r["event"].lower()
-            if v not in mapping:
-                raise MILError(f"{_where(path, r['_line'], r['slide_id'])}: column 'event' must be 1/0 (or "
-                               f"true/false); got {r['event']!r}")
-            events.append(mapping[v])
-        data["event"] = np.asarray(events, dtype=np.int64)
+        events = {"1": 1, "0": 0, "1.0": 1, "0.0": 0, "true": 1, "false": 0, "yes": 1, "no": 0}
+        data["event"] = np.asarray(_coded(rows, "event", events, path, "column 'event' must be 1/0 (or "
+                                          "true/false); got {!r}"), dtype=np.int64)
         neg = [r for r, t in zip(rows, data["time"]) if t < 0]
         if neg:
             raise MILError(f"{_where(path, neg[0]['_line'], neg[0]['slide_id'])}: negative survival time "
@@ -231,14 +237,8 @@ def read_labels(path: str | os.PathLike, task: str | None = None) -> pd.DataFram
                         len(nopid), _names(nopid))
         data["patient_id"] = [r["slide_id"] if _is_missing(r["patient_id"]) else r["patient_id"] for r in rows]
     if "split" in cols:
-        sp = []
-        for r in rows:
-            v = r["split"].lower()
-            if v not in SPLIT_VALUES:
-                raise MILError(f"{_where(path, r['_line'], r['slide_id'])}: split {r['split']!r} is not one of "
-                               f"{', '.join(SPLIT_VALUES)}")
-            sp.append(v)
-        data["split"] = sp
+        data["split"] = _coded(rows, "split", {v: v for v in SPLIT_VALUES}, path,
+                               "split {!r} is not one of " + ", ".join(SPLIT_VALUES))
     df = pd.DataFrame(data)
     df.attrs["task"] = task
     df.attrs["lines"] = [r["_line"] for r in rows]
