@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.h5io import FeatureImportError, export_bag_h5, import_folder, import_h5
+from pipeline.h5io import FeatureImportError, import_folder, import_h5
 from pipeline.mil import MILError
 from pipeline.mil.data import check_compatible, load_dataset
 from pipeline.store import main as store_main

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import queue
-import sys
 import threading
 import time
 from pathlib import Path
@@ -47,8 +46,12 @@ from ..provenance import provenance
 from ..readers import ReaderPool, ReadSpec, grid_step, level_origins, stripe_width
 from ..slide import Slide, SlideChangedError, SlideError, slide_stamp
 from ..store import SCHEMA_VERSION, BagWriter, write_bag
+from ..log import get_logger
 from . import create_encoder
 from .encoders import Encoder
+
+_log = get_logger("features")
+
 
 def resolve_settings(params: dict[str, Any] | None) -> dict[str, Any]:
     """The stage's settings (``features`` section, defaults from :mod:`pipeline.config`); unknown keys or
@@ -77,10 +80,20 @@ def fingerprint(slide_path: str | os.PathLike, grid_path: str | os.PathLike, par
     return hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()
 
 
-class Progress:
-    """Progress lines that read well in a terminal and in a log file (one line per update)."""
+def _say(log, msg: str, error: bool = False) -> None:
+    """A message of the feature stage: through :mod:`logging` (``log=None``, the default: the job's log
+    file via :func:`pipeline.log.setup`), or written to the stream ``log`` (benchmarks pass /dev/null)."""
+    if log is None:
+        (_log.error if error else _log.info)(msg)
+    else:
+        print(f"{'ERROR ' if error else ''}[features] {msg}", file=log, flush=True)
 
-    def __init__(self, slide_id: str, total: int, start: int = 0, every_s: float = 10.0, stream=sys.stderr):
+
+class Progress:
+    """Progress lines that read well in a terminal and in a log file (one line per update, at most one
+    every ``every_s`` seconds)."""
+
+    def __init__(self, slide_id: str, total: int, start: int = 0, every_s: float = 10.0, stream=None):
         self.slide_id, self.total, self.every_s, self.stream = slide_id, total, every_s, stream
         self.t0 = self.last = time.monotonic()
         self.done0 = start  # rows done before this run (resume): not counted in the rate
@@ -93,9 +106,8 @@ class Progress:
         rate = (done - self.done0) / max(now - self.t0, 1e-9)
         pct = 100.0 * done / self.total if self.total else 100.0
         eta = (self.total - done) / rate if rate > 0 else float("nan")
-        print(f"[features] {self.slide_id}: {done}/{self.total} patches ({pct:.0f}%) "
-              f"{rate:.1f} patches/s eta {eta:.0f}s", file=self.stream, flush=True)
-
+        _say(self.stream, f"{self.slide_id}: {done}/{self.total} patches ({pct:.0f}%) "
+                          f"{rate:.1f} patches/s eta {eta:.0f}s")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,8 +278,8 @@ class _SlideRun:
                 if not chk["ok"]:
                     self.gpu_decode["reason"] = chk.get("error")
             if not self.gpu_decode["used"]:
-                print(f"[features] {slide.slide_id}: gpu_decode falls back to the CPU readers "
-                      f"({self.gpu_decode['reason']})", file=log, flush=True)
+                _say(log, f"{slide.slide_id}: gpu_decode falls back to the CPU readers "
+                          f"({self.gpu_decode['reason']})")
         self.decoder = "nvjpeg" if self.gpu_decode["used"] else slide.decoder(level)
         self.resize_to = ps if (on_device or self.gpu_decode["used"]) else None
         self.spec = ReadSpec(str(slide.path), slide.reader, float(slide.mpp), level, r, ps,
@@ -283,8 +295,7 @@ class _SlideRun:
         self.writer = BagWriter(out_path, self.n, encoder.embed_dim, fingerprint=self.fp, chunk_rows=chunk_rows)
         self.start = self.writer.rows_done  # a chunk boundary, hence a batch boundary
         if self.start:
-            print(f"[features] {slide.slide_id}: resuming at patch {self.start}/{self.n} from {self.writer.tmp}",
-                  file=log, flush=True)
+            _say(log, f"{slide.slide_id}: resuming at patch {self.start}/{self.n} from {self.writer.tmp}")
         m = self.n - self.start
         self.batches = [(a, min(a + self.bs, m)) for a in range(0, m, self.bs)]
         origins = level_origins(self.coords[self.start:], float(self.plan["level_downsample"]))
@@ -309,7 +320,7 @@ class _SlideRun:
     def encode(self) -> _AsyncWriter:
         """Encode every batch; the last writes and the bag's finalisation continue in the writer thread
         (``.result()`` waits for them and returns the bag's attributes, or raises)."""
-        plan, slide, enc, device = self.plan, self.slide, self.encoder, self.device
+        slide, enc, device = self.slide, self.encoder, self.device
         progress = Progress(slide.slide_id, self.n, start=self.start, stream=self.log)
         cuda = device.type == "cuda"
         aw = _AsyncWriter(self.writer, slide.path)
@@ -409,7 +420,7 @@ def slot_bytes(jobs: list[tuple], p: dict[str, Any], device: torch.device) -> in
 
 def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, str | os.PathLike]],
                    params: dict[str, Any] | None = None, encoder: Encoder | None = None,
-                   log=sys.stderr, pool: ReaderPool | None = None, *,
+                   log=None, pool: ReaderPool | None = None, *,
                    extra_attrs: dict[str, dict[str, Any]] | None = None,
                    on_done: Callable[[str, dict[str, Any] | None, BaseException | None], None] | None = None
                    ) -> list[dict[str, Any]]:
@@ -420,7 +431,8 @@ def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, st
     does not wait on I/O between slides. A slide that fails is reported and the others still complete;
     the first error is raised at the end, unless ``on_done(out_path, attrs, error)`` is given, which is
     called for every slide instead. ``extra_attrs``: out path -> attributes added to that bag. The encoder
-    is moved to the device and, on CUDA, its weights cast to its precision (in place).
+    is moved to the device and, on CUDA, its weights cast to its precision (in place). Progress and errors
+    go to the ``features`` logger, or to the stream ``log`` when one is given.
     """
     p = resolve_settings(params)
     device = resolve_device(str(p["device"]))
@@ -441,7 +453,7 @@ def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, st
             on_done(str(out), None, exc)
         else:
             errors.append(exc)
-            print(f"ERROR [features] {exc}", file=log, flush=True)
+            _say(log, f"{exc}", error=True)
 
     def prepare(job):
         try:
@@ -505,7 +517,7 @@ def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, st
 
 def extract_slide(slide: Slide, grid: dict[str, Any], grid_path: str | os.PathLike, out_path: str | os.PathLike,
                   params: dict[str, Any] | None = None, encoder: Encoder | None = None,
-                  log=sys.stderr, pool: ReaderPool | None = None) -> dict[str, Any]:
+                  log=None, pool: ReaderPool | None = None) -> dict[str, Any]:
     """Extract features for every patch of ``grid`` and write the bag at ``out_path``.
 
     Resumes a partial bag left by an interrupted run when the inputs and settings are unchanged.
