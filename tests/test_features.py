@@ -143,6 +143,79 @@ def test_many_slides_share_one_pool_and_a_failure_stays_per_slide(slide_and_grid
         np.testing.assert_array_equal(read_bag(tmp_path / f"{k}.zarr").features, read_bag(tmp_path / "ref.zarr").features)
 
 
+def test_first_slide_is_read_while_the_encoder_is_built(slide_and_grid, tmp_path, monkeypatch, spawned_readers):
+    """The reader processes start on the first slide before the encoder exists (a feature job's fixed
+    start-up, mostly importing timm and building the model, overlaps reading); that read is the one the
+    slide uses (one submission per slide), the bag is bit-identical, and a slide with a partial bag to
+    resume, or an encoder that cannot be built, leaves no read behind."""
+    import threading
+
+    from pipeline.readers import ReaderPool
+
+    path, grid, gpath = slide_and_grid
+    settings = dict(SETTINGS, num_workers=1)
+    _extract(path, grid, gpath, tmp_path / "ref.zarr", settings)
+    read_started = threading.Event()
+    seen = {"waited": None, "submits": 0}
+    real_ahead, real_load, real_submit = ex._read_ahead, ex._load_encoder, ReaderPool.submit
+
+    def ahead(*a, **k):
+        r = real_ahead(*a, **k)
+        if r is not None:
+            read_started.set()
+        return r
+
+    def load(*a, **k):  # the build waits (up to 30 s) for the read to be under way
+        seen["waited"] = read_started.wait(30)
+        return real_load(*a, **k)
+
+    def submit(self, *a, **k):
+        seen["submits"] += 1
+        return real_submit(self, *a, **k)
+
+    monkeypatch.setattr(ex, "_read_ahead", ahead)
+    monkeypatch.setattr(ex, "_load_encoder", load)
+    monkeypatch.setattr(ReaderPool, "submit", submit)
+    _extract(path, grid, gpath, tmp_path / "a.zarr", settings)
+    assert seen == {"waited": True, "submits": 1}
+    np.testing.assert_array_equal(read_bag(tmp_path / "a.zarr").features, read_bag(tmp_path / "ref.zarr").features)
+
+    # a partial bag: the start row depends on the encoder's fingerprint, so nothing is read ahead
+    partial_path(tmp_path / "b.zarr").mkdir(parents=True)
+    read_started.clear()
+    seen.update(waited=None, submits=0)
+    monkeypatch.setattr(ex, "_load_encoder", real_load)
+    _extract(path, grid, gpath, tmp_path / "b.zarr", settings)
+    assert not read_started.is_set() and seen["submits"] == 1
+    np.testing.assert_array_equal(read_bag(tmp_path / "b.zarr").features, read_bag(tmp_path / "ref.zarr").features)
+
+    # the encoder cannot be built: the error comes out, the early read is closed with the pool
+    def broken(*a, **k):
+        read_started.wait(30)
+        raise RuntimeError("no such weights")
+
+    monkeypatch.setattr(ex, "_load_encoder", broken)
+    read_started.clear()
+    with pytest.raises(RuntimeError, match="no such weights"):
+        _extract(path, grid, gpath, tmp_path / "c.zarr", settings)
+    assert read_started.is_set() and not (tmp_path / "c.zarr").exists()
+    import os
+    import time
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(pid) for pid in spawned_readers):
+        time.sleep(0.1)
+    assert len(spawned_readers) == 4  # one reader process per run (the reference, a, b, c)
+    assert not [pid for pid in spawned_readers if alive(pid)]  # each closed with its pool
+
+
 def test_local_weights_file_sha256_recorded(slide_and_grid, tmp_path):
     from safetensors.torch import save_file
 

@@ -45,7 +45,7 @@ from ..files import sha256_file
 from ..provenance import provenance
 from ..readers import ReaderPool, ReadSpec, grid_step, level_origins, stripe_width
 from ..slide import Slide, SlideChangedError, SlideError, slide_stamp
-from ..store import SCHEMA_VERSION, BagWriter, write_bag
+from ..store import SCHEMA_VERSION, BagWriter, partial_path, write_bag
 from ..log import get_logger
 from . import create_encoder
 from .encoders import Encoder
@@ -247,12 +247,72 @@ def _tile_cache_bytes(tiles: Any, level: int, workers: int, origins: np.ndarray 
     return int(min(max(rows * row * min(1.0, 2.0 / max(1, workers)), 32 << 20), 512 << 20))
 
 
+def _on_device_resize(p: dict[str, Any], device: torch.device) -> bool:
+    return p["resize"] == "device" or (p["resize"] == "auto" and device.type == "cuda")
+
+
+@dataclasses.dataclass
+class _Reading:
+    """What the reader pool is asked for one slide from row ``start`` on (a function of the slide, its grid,
+    the settings, the device and the pool only, not of the encoder: reading can start before it is built)."""
+    start: int
+    spec: ReadSpec
+    origins: np.ndarray
+    batches: list[tuple[int, int]]
+    stripe: int | None  # None: JPEG tiles decoded on the device (no reader processes)
+
+    @classmethod
+    def plan(cls, slide: Slide, grid: dict[str, Any], p: dict[str, Any], device: torch.device, pool: ReaderPool,
+             start: int, gpu_decode: bool) -> "_Reading":
+        plan = grid["read_plan"]
+        n = len(grid["coords"])
+        coords = np.asarray(grid["coords"], dtype=np.int64).reshape(-1, 2)
+        level = int(plan["level"])
+        r, ps = int(plan["read_size_px"]), int(plan["patch_size_px"])
+        bs = int(p["batch_size"])
+        tiles = slide.tiled_jpeg()
+        resize_here = not (_on_device_resize(p, device) or gpu_decode)
+        spec = ReadSpec(str(slide.path), slide.reader, float(slide.mpp), level, r, ps, resize=resize_here)
+        batches = [(a, min(a + bs, n - start)) for a in range(0, n - start, bs)]
+        origins = level_origins(coords[start:], float(plan["level_downsample"]))
+        spec = dataclasses.replace(spec, cache_bytes=_tile_cache_bytes(tiles, level, pool.workers, origins,
+                                                                       batches, r))
+        stripe = None
+        if not gpu_decode:
+            tw = tiles.levels[level].tw if tiles and tiles.supports(level) else None
+            stripe = stripe_width(slide.level_dimensions[level][0], r, pool.workers, tw, grid_step(origins))
+        return cls(start, spec, origins, batches, stripe)
+
+    def same(self, other: "_Reading") -> bool:
+        return (self.start == other.start and self.spec == other.spec and self.batches == other.batches
+                and self.stripe == other.stripe and np.array_equal(self.origins, other.origins))
+
+    def submit(self, pool: ReaderPool):
+        return pool.submit(self.spec, self.origins, self.batches, stripe_px=self.stripe)  # reading starts now
+
+
+def _read_ahead(job: tuple, p: dict[str, Any], device: torch.device, pool: ReaderPool):
+    """Start reading the first slide of a run while the encoder is still being built: ``(reading, stream)``,
+    or None where the start row is not known without the encoder (a partial bag to resume, whose
+    fingerprint involves the weights) or the tiles are decoded on the device."""
+    slide, grid, _, out = job
+    if p["gpu_decode"] or partial_path(out).exists():
+        return None
+    try:
+        reading = _Reading.plan(slide, grid, p, device, pool, 0, gpu_decode=False)
+        return reading, reading.submit(pool)
+    except Exception:  # noqa: BLE001 - the slide's own set-up reports it, with its name
+        return None
+
+
 class _SlideRun:
-    """One slide's extraction state: its partial bag and a source already reading its patches."""
+    """One slide's extraction state: its partial bag and a source already reading its patches.
+    ``early``: a read already started by :func:`_read_ahead` (used when it is the read this slide needs,
+    closed otherwise)."""
 
     def __init__(self, slide: Slide, grid: dict[str, Any], grid_path: str | os.PathLike, out_path: str | os.PathLike,
                  p: dict[str, Any], encoder: Encoder, device: torch.device, log, pool: ReaderPool,
-                 weights_dtype: str):
+                 weights_dtype: str, early: tuple[_Reading, Any] | None = None):
         from . import device as dev
 
         self.slide, self.p, self.encoder, self.device, self.log = slide, p, encoder, device, log
@@ -263,7 +323,7 @@ class _SlideRun:
         chunk_rows = self.bs * max(1, math.ceil(int(p["chunk_rows"]) / self.bs))
         level = int(self.plan["level"])
         r, ps = int(self.plan["read_size_px"]), int(self.plan["patch_size_px"])
-        on_device = p["resize"] == "device" or (p["resize"] == "auto" and device.type == "cuda")
+        on_device = _on_device_resize(p, device)
         tiles = slide.tiled_jpeg()
         self.gpu_decode: dict[str, Any] = {"requested": bool(p["gpu_decode"]), "used": False}
         if p["gpu_decode"]:
@@ -282,9 +342,8 @@ class _SlideRun:
                           f"({self.gpu_decode['reason']})")
         self.decoder = "nvjpeg" if self.gpu_decode["used"] else slide.decoder(level)
         self.resize_to = ps if (on_device or self.gpu_decode["used"]) else None
-        self.spec = ReadSpec(str(slide.path), slide.reader, float(slide.mpp), level, r, ps,
-                             resize=self.resize_to is None)
-        self.resize = dev.resize_method(r, ps) if self.resize_to else self.spec.resize_method
+        self.resize = dev.resize_method(r, ps) if self.resize_to else \
+            ReadSpec(str(slide.path), slide.reader, float(slide.mpp), level, r, ps, resize=True).resize_method
         self.paths = {"device": device.type, "decoder": self.decoder, "resize": self.resize,
                       "weights_dtype": weights_dtype}
         self.info = slide.info()  # read here: the bag is finalised from the writer thread
@@ -296,18 +355,18 @@ class _SlideRun:
         self.start = self.writer.rows_done  # a chunk boundary, hence a batch boundary
         if self.start:
             _say(log, f"{slide.slide_id}: resuming at patch {self.start}/{self.n} from {self.writer.tmp}")
-        m = self.n - self.start
-        self.batches = [(a, min(a + self.bs, m)) for a in range(0, m, self.bs)]
-        origins = level_origins(self.coords[self.start:], float(self.plan["level_downsample"]))
-        self.spec = dataclasses.replace(self.spec, cache_bytes=_tile_cache_bytes(
-            tiles, level, pool.workers, origins, self.batches, r))
+        reading = _Reading.plan(slide, grid, p, device, pool, self.start, self.gpu_decode["used"])
+        self.spec, self.batches = reading.spec, reading.batches
         self.t0 = time.monotonic()
         if self.gpu_decode["used"]:
-            self.source: Any = dev.JpegTileSource(tiles, level, origins, self.batches, r, device)
+            self.source: Any = dev.JpegTileSource(tiles, level, reading.origins, self.batches, r, device)
+        elif early is not None and early[0].same(reading):
+            self.source = early[1]  # reading started while the encoder was built
+            early = None
         else:
-            tw = tiles.levels[level].tw if tiles and tiles.supports(level) else None
-            stripe = stripe_width(slide.level_dimensions[level][0], r, pool.workers, tw, grid_step(origins))
-            self.source = pool.submit(self.spec, origins, self.batches, stripe_px=stripe)  # reading starts now
+            self.source = reading.submit(pool)
+        if early is not None:
+            early[1].close()
 
     def close(self) -> None:
         """Stop reading this slide (idempotent)."""
@@ -402,6 +461,34 @@ class _SlideRun:
         return attrs
 
 
+#: Shared memory a feature job's reader pool may fill ahead of the model (while the encoder is being built,
+#: the CPUs are otherwise idle); the pool never has fewer slots than ``workers + 3``.
+READ_AHEAD_BYTES = 512 << 20
+
+
+class _Background(threading.Thread):
+    """``fn(*args)`` in a thread; :meth:`result` waits for it and returns its value or raises its error."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any):
+        super().__init__(daemon=True, name="wsipipe-encoder-build")
+        self._fn, self._args = fn, args
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._value = self._fn(*self._args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller of result()
+            self._error = exc
+
+    def result(self) -> Any:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 def _load_encoder(p: dict[str, Any], patch_size: int, device: torch.device) -> Encoder:
     enc = create_encoder(p["model"], weights=p["weights"], pretrained=p["pretrained"], seed=p["seed"],
                          input_size=int(patch_size))
@@ -440,12 +527,17 @@ def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, st
     errors: list[BaseException] = []
     if not jobs:
         return results
-    if encoder is None:
-        encoder = _load_encoder(p, jobs[0][1]["read_plan"]["patch_size_px"], device)
-    wdtype = prepare_encoder(encoder, device)
     own_pool = pool is None
-    pool = pool if pool is not None else ReaderPool(int(p["num_workers"]))
+    if own_pool:  # building the encoder here: enough slots for the readers to run ahead meanwhile
+        workers = int(p["num_workers"])
+        slots = max(workers + 3, min(64, READ_AHEAD_BYTES // max(1, slot_bytes(jobs, p, device)))) \
+            if encoder is None and workers else None
+        pool = ReaderPool(workers, n_slots=slots)
+    loader = None
+    if encoder is None:  # built in a thread while the reader processes start on the first slide
+        loader = _Background(_load_encoder, p, jobs[0][1]["read_plan"]["patch_size_px"], device)
     runs: list[_SlideRun] = []  # every prepared slide, closed at the end whatever happens
+    early = None  # the first slide's read, started before the encoder was ready
     pending = None  # the previous slide's writer, finishing while the next slide is encoded
 
     def failed(out, exc: BaseException) -> None:
@@ -455,10 +547,12 @@ def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, st
             errors.append(exc)
             _say(log, f"{exc}", error=True)
 
-    def prepare(job):
+    def prepare(job, early=None):
         try:
-            run = _SlideRun(*job, p, encoder, device, log, pool, wdtype)
+            run = _SlideRun(*job, p, encoder, device, log, pool, wdtype, early=early)
         except Exception as exc:  # noqa: BLE001 - reported per slide
+            if early is not None:
+                early[1].close()  # (idempotent) its slots go back to the other slides
             failed(job[3], exc)
             return None
         run.extra_attrs = dict((extra_attrs or {}).get(str(job[3])) or {})
@@ -482,7 +576,11 @@ def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, st
             from .device import register_host_memory
 
             pool.pin(register_host_memory)  # pinned until the pool's memory goes (close or growth)
-        nxt = prepare(jobs[0])
+        if loader is not None:
+            early = _read_ahead(jobs[0], p, device, pool)
+            encoder = loader.result()
+        wdtype = prepare_encoder(encoder, device)
+        nxt, early = prepare(jobs[0], early), None
         for i in range(len(jobs)):
             cur = nxt
             nxt = prepare(jobs[i + 1]) if i + 1 < len(jobs) else None
@@ -506,6 +604,10 @@ def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, st
             pending[0].close()  # interrupted: let the queued writes land (a rerun resumes after them)
         for run in runs:
             run.close()
+        if early is not None:
+            early[1].close()
+        if loader is not None:
+            loader.join()  # an interrupted build finishes before the pool goes
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # no copy from the slots in flight past this point
         if own_pool:
