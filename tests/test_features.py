@@ -199,21 +199,15 @@ def test_first_slide_is_read_while_the_encoder_is_built(slide_and_grid, tmp_path
     with pytest.raises(RuntimeError, match="no such weights"):
         _extract(path, grid, gpath, tmp_path / "c.zarr", settings)
     assert read_started.is_set() and not (tmp_path / "c.zarr").exists()
-    import os
     import time
 
-    def alive(pid):
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except FileNotFoundError:
-            return False
+    from test_readers import _alive
 
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(alive(pid) for pid in spawned_readers):
+    while time.monotonic() < deadline and any(_alive(pid) for pid in spawned_readers):
         time.sleep(0.1)
     assert len(spawned_readers) == 4  # one reader process per run (the reference, a, b, c)
-    assert not [pid for pid in spawned_readers if alive(pid)]  # each closed with its pool
+    assert not [pid for pid in spawned_readers if _alive(pid)]  # each closed with its pool
 
 
 def test_local_weights_file_sha256_recorded(slide_and_grid, tmp_path):
