@@ -3,7 +3,8 @@
 * the whole ``snakemake`` process group killed with SIGKILL, then rerun;
 * the disk filling up while a bag is written (a small tmpfs as the results folder; needs root, else
   skipped saying why);
-* a slide file replaced on disk while its features are extracted.
+* a slide file replaced on disk while its features are extracted, or after the job started reading it
+  ahead (while the encoder was being built).
 """
 
 from __future__ import annotations
@@ -68,6 +69,43 @@ def test_slide_replaced_mid_extraction_is_not_finalised(tmp_path, monkeypatch):
     with open_slide(path) as s:  # the rerun reads the new file from the start
         attrs = ex.extract_slide(s, grid, gpath, out, SETTINGS)
     assert attrs["provenance"]["resumed_from"] == 0 and read_bag(out).n == len(grid["coords"])
+
+
+def test_slide_replaced_after_its_read_ahead_is_not_finalised(tmp_path, monkeypatch):
+    """A job reads its first slides ahead while the encoder is built; a slide replaced after its early read
+    started (here: before its turn comes) must not get a bag made of the old file's patches, even though
+    its own set-up (and a stamp taken there) would only see the new file."""
+    a, grid, gpath = _slide_and_grid(tmp_path, "a.svs", seed=5)
+    b = tmp_path / "b.svs"
+    shutil.copyfile(a, b)
+    other = make_slide(tmp_path / "other.svs", width=2048, height=1536, mpp=0.5, seed=6)["path"]
+    real_load, real_ahead = ex._load_encoder, ex._read_ahead
+    seen = {}
+
+    def ahead(*args, **kw):
+        seen["ahead"] = sorted(r := real_ahead(*args, **kw))
+        return r
+
+    def load_then_replace(*args, **kw):
+        enc = real_load(*args, **kw)
+        while "ahead" not in seen:
+            time.sleep(0.01)
+        tmp = b.with_name(".incoming.svs")
+        shutil.copyfile(other, tmp)
+        os.replace(tmp, b)
+        return enc
+
+    monkeypatch.setattr(ex, "_read_ahead", ahead)
+    monkeypatch.setattr(ex, "_load_encoder", load_then_replace)
+    done = {}
+    settings = dict(SETTINGS, num_workers=1)
+    with open_slide(a) as sa, open_slide(b) as sb:
+        ex.extract_slides([(sa, grid, gpath, tmp_path / "a.zarr"), (sb, grid, gpath, tmp_path / "b.zarr")],
+                          settings, on_done=lambda out, attrs, exc: done.__setitem__(Path(out).name, exc))
+    assert seen["ahead"] == [0, 1]
+    assert done["a.zarr"] is None and read_bag(tmp_path / "a.zarr").n == len(grid["coords"])
+    assert isinstance(done["b.zarr"], SlideChangedError) and "changed on disk" in str(done["b.zarr"])
+    assert not (tmp_path / "b.zarr").exists() and not partial_path(tmp_path / "b.zarr").exists()
 
 
 def test_slide_rewritten_in_place_is_detected(tmp_path, monkeypatch):

@@ -161,7 +161,8 @@ def test_first_slide_is_read_while_the_encoder_is_built(slide_and_grid, tmp_path
 
     def ahead(*a, **k):
         r = real_ahead(*a, **k)
-        if r is not None:
+        seen["ahead"] = sorted(r)
+        if r:
             read_started.set()
         return r
 
@@ -177,8 +178,19 @@ def test_first_slide_is_read_while_the_encoder_is_built(slide_and_grid, tmp_path
     monkeypatch.setattr(ex, "_load_encoder", load)
     monkeypatch.setattr(ReaderPool, "submit", submit)
     _extract(path, grid, gpath, tmp_path / "a.zarr", settings)
-    assert seen == {"waited": True, "submits": 1}
+    assert seen == {"waited": True, "submits": 1, "ahead": [0]}
     np.testing.assert_array_equal(read_bag(tmp_path / "a.zarr").features, read_bag(tmp_path / "ref.zarr").features)
+
+    # several slides: the next ones are read ahead too while their batches fit in the slots (6 batches
+    # each here, 64 slots), up to a slide with a partial bag; each read is the one its slide uses
+    partial_path(tmp_path / "m3.zarr").mkdir(parents=True)
+    seen.update(waited=None, submits=0)
+    with open_slide(path) as s:
+        ex.extract_slides([(s, grid, gpath, tmp_path / f"m{k}.zarr") for k in range(5)], settings)
+    assert seen == {"waited": True, "submits": 5, "ahead": [0, 1, 2]}
+    for k in range(5):
+        np.testing.assert_array_equal(read_bag(tmp_path / f"m{k}.zarr").features,
+                                      read_bag(tmp_path / "ref.zarr").features)
 
     # a partial bag: the start row depends on the encoder's fingerprint, so nothing is read ahead
     partial_path(tmp_path / "b.zarr").mkdir(parents=True)
@@ -206,7 +218,7 @@ def test_first_slide_is_read_while_the_encoder_is_built(slide_and_grid, tmp_path
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(_alive(pid) for pid in spawned_readers):
         time.sleep(0.1)
-    assert len(spawned_readers) == 4  # one reader process per run (the reference, a, b, c)
+    assert len(spawned_readers) == 5  # one reader process per run (the reference, a, m, b, c)
     assert not [pid for pid in spawned_readers if _alive(pid)]  # each closed with its pool
 
 

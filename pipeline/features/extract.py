@@ -260,10 +260,12 @@ class _Reading:
     origins: np.ndarray
     batches: list[tuple[int, int]]
     stripe: int | None  # None: JPEG tiles decoded on the device (no reader processes)
+    stamp: list  # the slide's files before reading starts: a bag is finalised only if they are unchanged
 
     @classmethod
     def plan(cls, slide: Slide, grid: dict[str, Any], p: dict[str, Any], device: torch.device, pool: ReaderPool,
              start: int, gpu_decode: bool) -> "_Reading":
+        stamp = slide_stamp(slide.path)
         plan = grid["read_plan"]
         n = len(grid["coords"])
         coords = np.asarray(grid["coords"], dtype=np.int64).reshape(-1, 2)
@@ -281,7 +283,7 @@ class _Reading:
         if not gpu_decode:
             tw = tiles.levels[level].tw if tiles and tiles.supports(level) else None
             stripe = stripe_width(slide.level_dimensions[level][0], r, pool.workers, tw, grid_step(origins))
-        return cls(start, spec, origins, batches, stripe)
+        return cls(start, spec, origins, batches, stripe, stamp)
 
     def same(self, other: "_Reading") -> bool:
         return (self.start == other.start and self.spec == other.spec and self.batches == other.batches
@@ -291,18 +293,31 @@ class _Reading:
         return pool.submit(self.spec, self.origins, self.batches, stripe_px=self.stripe)  # reading starts now
 
 
-def _read_ahead(job: tuple, p: dict[str, Any], device: torch.device, pool: ReaderPool):
-    """Start reading the first slide of a run while the encoder is still being built: ``(reading, stream)``,
-    or None where the start row is not known without the encoder (a partial bag to resume, whose
-    fingerprint involves the weights) or the tiles are decoded on the device."""
-    slide, grid, _, out = job
-    if p["gpu_decode"] or partial_path(out).exists():
-        return None
-    try:
-        reading = _Reading.plan(slide, grid, p, device, pool, 0, gpu_decode=False)
-        return reading, reading.submit(pool)
-    except Exception:  # noqa: BLE001 - the slide's own set-up reports it, with its name
-        return None
+def _read_ahead(jobs: list[tuple], p: dict[str, Any], device: torch.device, pool: ReaderPool
+                ) -> dict[int, tuple[_Reading, Any]]:
+    """Start reading the first slides of a run while the encoder is still being built: job index ->
+    ``(reading, stream)``. The first slide is always submitted, the next ones while their batches fit in
+    the pool's slots (the readers would otherwise idle once the first slide is read, and the start-up
+    lasts seconds). Stops at a slide whose start row is not known without the encoder (a partial bag to
+    resume: its fingerprint involves the weights); nothing is read ahead when tiles are decoded on the
+    device. Every read but the first holds all of its slots, so a slide whose early read goes unused (read
+    anew, behind the others) gets the slots that closing it frees."""
+    early: dict[int, tuple[_Reading, Any]] = {}
+    if p["gpu_decode"]:
+        return early
+    used = 0
+    for i, (slide, grid, _, out) in enumerate(jobs):
+        if partial_path(out).exists():
+            break
+        try:
+            reading = _Reading.plan(slide, grid, p, device, pool, 0, gpu_decode=False)
+        except Exception:  # noqa: BLE001 - the slide's own set-up reports it, with its name
+            break
+        used += len(reading.batches)
+        if early and used > pool.n_slots:
+            break
+        early[i] = (reading, reading.submit(pool))
+    return early
 
 
 class _SlideRun:
@@ -347,7 +362,6 @@ class _SlideRun:
         self.paths = {"device": device.type, "decoder": self.decoder, "resize": self.resize,
                       "weights_dtype": weights_dtype}
         self.info = slide.info()  # read here: the bag is finalised from the writer thread
-        self.stamp = slide_stamp(slide.path)  # compared before finalize: no bag from a slide replaced mid-read
         self.extra_attrs: dict[str, Any] = {}  # added to the bag's attributes (e.g. the batch's cache key)
         self.out_path = str(out_path)
         self.fp = fingerprint(slide.path, grid_path, p, encoder.weights, self.paths)
@@ -357,11 +371,13 @@ class _SlideRun:
             _say(log, f"{slide.slide_id}: resuming at patch {self.start}/{self.n} from {self.writer.tmp}")
         reading = _Reading.plan(slide, grid, p, device, pool, self.start, self.gpu_decode["used"])
         self.spec, self.batches = reading.spec, reading.batches
+        self.stamp = reading.stamp  # compared before finalize: no bag from a slide replaced mid-read
         self.t0 = time.monotonic()
         if self.gpu_decode["used"]:
             self.source: Any = dev.JpegTileSource(tiles, level, reading.origins, self.batches, r, device)
         elif early is not None and early[0].same(reading):
             self.source = early[1]  # reading started while the encoder was built
+            self.stamp = early[0].stamp  # the files as they were when that reading started
             early = None
         else:
             self.source = reading.submit(pool)
@@ -537,7 +553,7 @@ def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, st
     if encoder is None:  # built in a thread while the reader processes start on the first slide
         loader = _Background(_load_encoder, p, jobs[0][1]["read_plan"]["patch_size_px"], device)
     runs: list[_SlideRun] = []  # every prepared slide, closed at the end whatever happens
-    early = None  # the first slide's read, started before the encoder was ready
+    early_reads: dict[int, tuple[_Reading, Any]] = {}  # reads started before the encoder was ready, by job
     pending = None  # the previous slide's writer, finishing while the next slide is encoded
 
     def failed(out, exc: BaseException) -> None:
@@ -577,13 +593,13 @@ def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, st
 
             pool.pin(register_host_memory)  # pinned until the pool's memory goes (close or growth)
         if loader is not None:
-            early = _read_ahead(jobs[0], p, device, pool)
+            early_reads = _read_ahead(jobs, p, device, pool)
             encoder = loader.result()
         wdtype = prepare_encoder(encoder, device)
-        nxt, early = prepare(jobs[0], early), None
+        nxt = prepare(jobs[0], early_reads.pop(0, None))
         for i in range(len(jobs)):
             cur = nxt
-            nxt = prepare(jobs[i + 1]) if i + 1 < len(jobs) else None
+            nxt = prepare(jobs[i + 1], early_reads.pop(i + 1, None)) if i + 1 < len(jobs) else None
             if cur is None:
                 continue
             try:
@@ -604,8 +620,8 @@ def extract_slides(jobs: list[tuple[Slide, dict[str, Any], str | os.PathLike, st
             pending[0].close()  # interrupted: let the queued writes land (a rerun resumes after them)
         for run in runs:
             run.close()
-        if early is not None:
-            early[1].close()
+        for _, stream in early_reads.values():
+            stream.close()
         if loader is not None:
             loader.join()  # an interrupted build finishes before the pool goes
         if device.type == "cuda":
