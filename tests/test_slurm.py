@@ -3,6 +3,7 @@
 Start the cluster with ``.ci/slurm-setup.sh`` (Debian packages slurmctld, slurmd, slurm-client, munge on
 localhost). Without a usable cluster the SLURM tests are skipped, saying why; with
 ``WSIPIPE_REQUIRE_SLURM=1`` they fail instead (CI, so a broken cluster cannot pass as a skip).
+They carry the ``slurm`` marker: ``make test`` deselects them, ``make test-slurm`` runs them.
 
 What differs from a production run, and why:
 
@@ -30,7 +31,7 @@ import yaml
 
 from pipeline.store import list_bags, read_bag
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]  # `make test` deselects them; `make test-slurm` runs them
 
 REQUIRE = os.environ.get("WSIPIPE_REQUIRE_SLURM") == "1"
 ENV_VARS = ("WSIPIPE_SLURM_PARTITION", "WSIPIPE_SLURM_GPU_PARTITION", "WSIPIPE_SLURM_ACCOUNT")
