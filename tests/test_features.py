@@ -235,6 +235,43 @@ def test_local_weights_file_sha256_recorded(slide_and_grid, tmp_path):
         torch.testing.assert_close(enc.embed(x), loaded.embed(x))
 
 
+@pytest.mark.parametrize("arch, meta_built", [("test_vit", True), ("test_vit_relpos", False)])
+def test_weights_file_replaces_random_init(tmp_path, monkeypatch, arch, meta_built):
+    """A timm architecture with a local weights file is built without storage and the file's tensors are
+    assigned (no random initialisation, seconds for a ViT-L), unless it has buffers that only construction
+    computes (relative position indices: built for real, then loaded); same embeddings either way, and a
+    file for another architecture is refused naming the file."""
+    from safetensors.torch import save_file
+
+    from pipeline.features import encoders
+
+    ref = create_encoder(arch, seed=5)
+    wfile = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous().to(torch.bfloat16 if v.is_floating_point() else v.dtype)
+               for k, v in ref.model.state_dict().items()}, str(wfile))  # dtype differs from the model's
+    ref.model.load_state_dict({k: v.to(torch.bfloat16).float() if v.is_floating_point() else v
+                               for k, v in ref.model.state_dict().items()})
+    seen = []
+    real = encoders._checkpoint_complete
+
+    def spy(model):
+        seen.append((next(model.parameters()).is_meta, real(model)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(encoders, "_checkpoint_complete", spy)
+    loaded = create_encoder(arch, weights=str(wfile), seed=99)
+    assert seen == [(True, meta_built)]
+    tensors = [*loaded.model.parameters(), *loaded.model.buffers()]
+    assert not any(t.is_meta for t in tensors) and {t.dtype for t in loaded.model.parameters()} == {torch.float32}
+    x = torch.rand(2, 3, ref.input_size, ref.input_size)
+    with torch.inference_mode():
+        torch.testing.assert_close(ref.embed(x), loaded.embed(x))
+    other = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in create_encoder("test_vit2").model.state_dict().items()}, str(other))
+    with pytest.raises(ValueError, match="other.safetensors: weights do not match"):
+        create_encoder(arch, weights=str(other))
+
+
 def test_registry_presets_and_errors():
     assert "resnet50_trunc" in list_encoders()
     enc = create_encoder("resnet50_trunc")

@@ -116,17 +116,38 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_weights_file(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
-    """Load a local weights file into ``model`` strictly (classifier heads are ignored)."""
+    """Load a local weights file into ``model`` strictly (classifier heads are ignored). ``model`` may live
+    on the meta device: the checkpoint's tensors are then assigned, cast to the model's dtypes."""
     from ..files import sha256_file
 
     path = Path(path)
     sd = read_state_dict(path)
     head = {k for k in sd if k.startswith(("fc.", "head.", "classifier.", "head_dist."))}
-    missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if k not in head}, strict=False)
+    sd = {k: v for k, v in sd.items() if k not in head}
+    target = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    meta = any(t.is_meta for t in target.values())
+    if meta:
+        sd = {k: v.to(target[k].dtype) if k in target and v.is_floating_point() else v for k, v in sd.items()}
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False, assign=meta)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ValueError(f"{path}: weights do not match the architecture "
+                         f"({' '.join(x.strip() for x in first[1:3]) or first[0]})") from exc
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the architecture (missing {list(missing)[:5]}, "
                          f"unexpected {list(unexpected)[:5]})")
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise ValueError(f"{path}: tensors left uninitialised after loading: {empty[:5]}")
     return {"source": f"file:{path.name}", "sha256": sha256_file(path)}
+
+
+def _checkpoint_complete(model: nn.Module) -> bool:
+    """Whether a checkpoint can hold every tensor of ``model``: no buffer computed at construction and
+    left out of state dicts (relative position indices, rotary tables, attention masks...)."""
+    keys = set(model.state_dict())
+    return all(name in keys for name, _ in model.named_buffers())
 
 
 def timm_encoder(name: str, arch: str | None = None, weights: str | None = None, pretrained: bool = False,
@@ -151,17 +172,25 @@ def timm_encoder(name: str, arch: str | None = None, weights: str | None = None,
                                  f"nor a timm architecture") from exc
             raise
 
+    def make() -> nn.Module:
+        if input_size and "img_size" not in kw:
+            # Fixed-size architectures (ViTs, some hybrids) are built for the patch size, once (timm
+            # resamples position embeddings of pretrained weights); patches are never resized, which would
+            # change the µm/px. Architectures without an img_size argument (convolutional) take any size.
+            try:
+                return build(img_size=int(input_size))
+            except TypeError:
+                pass
+        return build()
+
     model = None
-    if input_size and "img_size" not in kw:
-        # Fixed-size architectures (ViTs, some hybrids) are built for the patch size, once (timm resamples
-        # position embeddings of pretrained weights); patches are never resized, which would change the
-        # µm/px. Architectures without an img_size argument (convolutional) take any size as they are.
-        try:
-            model = build(img_size=int(input_size))
-        except TypeError:
-            model = None
+    if weights:  # no random initialisation for tensors the file replaces (seconds for a ViT-L)
+        with torch.device("meta"):
+            model = make()
+        if not _checkpoint_complete(model):
+            model = None  # some tensors only construction computes: built for real, then loaded
     if model is None:
-        model = build()
+        model = make()
     if weights:
         info: Any = load_weights_file(model, weights)
     elif pretrained:
