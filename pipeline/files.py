@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -264,12 +265,59 @@ def safe_name(text: Any) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def _sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+_HASHING: dict[tuple, Any] = {}  # (path, size, mtime, ctime, inode) -> Future of its sha256
+_HASHING_LOCK = threading.Lock()
+
+
+def _file_key(path: str | os.PathLike) -> tuple:
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def sha256_file_soon(path: str | os.PathLike) -> None:
+    """Start hashing ``path`` in a background thread: a later :func:`sha256_file` of the unchanged file in
+    this process waits for that result instead of reading the file again (a feature job starts hashing
+    its weights file, gigabytes for a ViT-L or larger, while it imports torch and builds the model)."""
+    from concurrent.futures import Future
+
+    try:
+        key = _file_key(path)
+    except OSError:
+        return  # whoever needs the hash reports the error
+    with _HASHING_LOCK:
+        if key in _HASHING:
+            return
+        fut: Any = Future()
+        _HASHING[key] = fut
+
+    def run() -> None:
+        try:
+            fut.set_result(_sha256(path))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever asks for the hash
+            fut.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True, name="wsipipe-sha256").start()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes (the result of :func:`sha256_file_soon` when that hashed the file as it
+    is now: same size, modification and change times and inode)."""
+    if _HASHING:
+        try:
+            fut = _HASHING.get(_file_key(path))
+        except OSError:
+            fut = None
+        if fut is not None:
+            return fut.result()
+    return _sha256(path, chunk)
 
 
 def one_line(text: Any, limit: int = 400) -> str:

@@ -136,3 +136,42 @@ def test_each_feature_job_claims_its_own_gpu(tmp_path):
             f"print(claim_device('cuda', 2, {str(tmp_path)!r})[0])")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert other.stdout.strip() == "cuda:1", other.stderr
+
+
+def test_weights_file_is_hashed_once_while_the_job_starts(two_slides, tmp_path, monkeypatch):
+    """A batch with a local weights file starts hashing it before importing torch and building the model;
+    the hash recorded in the bags is that one (the file is read for hashing once per job), and a file
+    changed since is hashed again."""
+    import hashlib
+    import threading
+
+    from safetensors.torch import save_file
+
+    from pipeline import files
+    from pipeline.features import create_encoder
+
+    _, jobs, settings = two_slides
+    wfile = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in create_encoder("test_resnet", seed=3).model.state_dict().items()},
+              str(wfile))
+    digest = hashlib.sha256(wfile.read_bytes()).hexdigest()
+    hashed = []
+    real = files._sha256
+
+    def spy(path, *a, **k):
+        hashed.append((str(path), threading.current_thread().name))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(files, "_sha256", spy)
+    done = run_batch(_jobs(jobs, tmp_path / "bags"), {**settings, "weights": str(wfile)})
+    assert [j.status for j in done] == ["encoded", "encoded"]
+    assert [h for h in hashed if h[0] == str(wfile)] == [(str(wfile), "wsipipe-sha256")]
+    for j in done:
+        assert read_bag(j.out).attrs["weights"]["sha256"] == digest
+
+    files.sha256_file_soon(tmp_path / "missing.bin")  # nothing to hash: the caller reports it later
+    with pytest.raises(FileNotFoundError):
+        files.sha256_file(tmp_path / "missing.bin")
+    wfile.write_bytes(b"other bytes")  # changed since it was hashed: hashed again, in the caller
+    assert files.sha256_file(wfile) == hashlib.sha256(b"other bytes").hexdigest()
+    assert hashed[-1] == (str(wfile), threading.current_thread().name)

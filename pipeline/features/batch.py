@@ -210,6 +210,10 @@ def claim_device(device: str, count: int, lock_dir: str | os.PathLike | None = N
 def _encode(todo: list[SlideJob], p: dict[str, Any], *, reader: str, default_mpp: float | None,
             threads: int | None, on_failed: Callable[[SlideJob, str], None]) -> None:
     """Open the slides, build the encoder once and extract them one after another (next slide prefetched)."""
+    if p.get("weights"):  # its hash goes into every bag: computed while torch and timm are imported
+        from ..files import sha256_file_soon
+
+        sha256_file_soon(p["weights"])
     import torch
 
     from ..grid import load_grid
