@@ -115,32 +115,39 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
 
 
-def load_weights_file(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
-    """Load a local weights file into ``model`` strictly (classifier heads are ignored). ``model`` may live
-    on the meta device: the checkpoint's tensors are then assigned, cast to the model's dtypes."""
+def load_checked(model: nn.Module, sd: dict[str, torch.Tensor], path: str | os.PathLike,
+                 what: str = "the architecture") -> dict[str, Any]:
+    """Load the state dict ``sd`` (read from ``path``) into ``model`` strictly, with errors that name the
+    file and ``what`` it was meant for. ``model`` may live on the meta device: the tensors are then
+    assigned, cast to the model's dtypes. Returns ``{"source": "file:NAME", "sha256": ...}``."""
     from ..files import sha256_file
 
     path = Path(path)
-    sd = read_state_dict(path)
-    head = {k for k in sd if k.startswith(("fc.", "head.", "classifier.", "head_dist."))}
-    sd = {k: v for k, v in sd.items() if k not in head}
     target = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    meta = any(t.is_meta for t in target.values())
-    if meta:
-        sd = {k: v.to(target[k].dtype) if k in target and v.is_floating_point() else v for k, v in sd.items()}
+    sd = {k: v.to(target[k].dtype) if k in target and v.is_floating_point() and v.dtype != target[k].dtype
+          else v for k, v in sd.items()}
     try:
-        missing, unexpected = model.load_state_dict(sd, strict=False, assign=meta)
+        missing, unexpected = model.load_state_dict(sd, strict=False,
+                                                    assign=any(t.is_meta for t in target.values()))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        raise ValueError(f"{path}: weights do not match the architecture "
+        raise ValueError(f"{path}: weights do not match {what} "
                          f"({' '.join(x.strip() for x in first[1:3]) or first[0]})") from exc
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the architecture (missing {list(missing)[:5]}, "
+        raise ValueError(f"{path}: weights do not match {what} (missing {list(missing)[:5]}, "
                          f"unexpected {list(unexpected)[:5]})")
     empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if empty:
-        raise ValueError(f"{path}: tensors left uninitialised after loading: {empty[:5]}")
+        raise ValueError(f"{path}: {what}: tensors left uninitialised after loading: {empty[:5]}")
     return {"source": f"file:{path.name}", "sha256": sha256_file(path)}
+
+
+def load_weights_file(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Load a local weights file into ``model`` strictly (classifier heads are ignored), see
+    :func:`load_checked`."""
+    sd = read_state_dict(path)
+    head = ("fc.", "head.", "classifier.", "head_dist.")
+    return load_checked(model, {k: v for k, v in sd.items() if not k.startswith(head)}, path)
 
 
 def _checkpoint_complete(model: nn.Module) -> bool:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .catalog import PRESETS, Preset
-from .encoders import Encoder, read_state_dict, register_encoder, timm_encoder
+from .encoders import Encoder, load_checked, read_state_dict, register_encoder, timm_encoder
 from .weights import download_weights
 
 # -- token pooling ---------------------------------------------------------------------------------------
@@ -208,27 +207,8 @@ CONVERTERS: dict[str | None, Callable[..., dict[str, torch.Tensor]]] = {
 def load_preset_weights(model: nn.Module, path: str | os.PathLike, preset: Preset) -> dict[str, Any]:
     """Convert and load ``path`` into ``model`` strictly (``model`` may live on the meta device: the
     checkpoint tensors are assigned). Returns ``{"source": "file:NAME", "sha256": ...}``."""
-    from ..files import sha256_file
-
-    path = Path(path)
-    sd = CONVERTERS[preset.convert](read_state_dict(path), model)
-    target = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    for k, v in list(sd.items()):
-        if k in target and v.is_floating_point() and v.dtype != target[k].dtype:
-            sd[k] = v.to(target[k].dtype)
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise ValueError(f"{path}: weights do not match the {preset.name} architecture "
-                         f"({' '.join(s.strip() for s in first[1:3]) or first[0]})") from exc
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the {preset.name} architecture "
-                         f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
-    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if empty:
-        raise ValueError(f"{path}: {preset.name} tensors left uninitialised after loading: {empty[:5]}")
-    return {"source": f"file:{path.name}", "sha256": sha256_file(path)}
+    return load_checked(model, CONVERTERS[preset.convert](read_state_dict(path), model), path,
+                        f"the {preset.name} architecture")
 
 
 # -- building --------------------------------------------------------------------------------------------
