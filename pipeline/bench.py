@@ -613,10 +613,21 @@ def gpu_suite(workdir: str, slides: list[str] | None = None, gen_width: int = 40
                 link = wdir / f"wf_{i:03d}{Path(slides[i % len(slides)]).suffix}"
                 if not link.exists():
                     link.symlink_to(Path(slides[i % len(slides)]).resolve())
+            # the model's (random) weights as a file, loaded as users load pretrained encoders: jobs
+            # hash and assign it rather than initialise a ViT-L at random on the CPU
+            wfile = wd / f"{models[-1]}.safetensors"
+            if not wfile.exists():
+                from safetensors.torch import save_file
+
+                from .features import create_encoder
+
+                enc = create_encoder(models[-1], input_size=224)
+                save_file({k: v.contiguous() for k, v in enc.model.state_dict().items()}, str(wfile))
+                del enc
             r = bench_workflow(str(wdir), models[-1], 0.5, 224, batch_size, "cuda", workers,
-                               cores=os.cpu_count(), results=str(wd / "workflow_run"))
+                               cores=os.cpu_count(), results=str(wd / "workflow_run"), weights=str(wfile))
             log("workflow", {k: r.get(k) for k in (
-                "slides", "patches", "model", "feature_jobs", "slides_per_job", "feature_stage_seconds",
+                "slides", "patches", "model", "weights", "feature_jobs", "slides_per_job", "feature_stage_seconds",
                 "patches_per_s", "slides_per_hour", "in_process_patches_per_s", "ratio_vs_in_process")})
         except Exception as exc:  # noqa: BLE001
             log("workflow", {"error": f"{type(exc).__name__}: {exc}"[:2000]})
@@ -698,6 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--cores", type=int, default=None, help="snakemake --cores (default: all)")
     w.add_argument("--results", default=None, help="work folder (default: a temporary one)")
     w.add_argument("--no-compare", action="store_true", help="skip the in-process extraction")
+    w.add_argument("--weights", default=None, help="a local weights file for the model (features.weights)")
     pl = sub.add_parser("plan", help="snakemake -n on a cohort of N placeholder slides with labels")
     pl.add_argument("--n", type=int, default=10000)
     pl.add_argument("--work", default=None, help="work folder (default: a temporary one)")
@@ -714,7 +726,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if a.mode == "workflow":
             res = bench_workflow(a.slides, a.model, a.target_mpp, a.size, a.batch_size, a.device, a.workers,
-                                 a.slides_per_job, a.cores, a.results, compare=not a.no_compare)
+                                 a.slides_per_job, a.cores, a.results, compare=not a.no_compare,
+                                 weights=a.weights)
         else:
             res = bench_plan(a.n, a.work, a.slides_per_job)
         print(json.dumps(res, default=str))

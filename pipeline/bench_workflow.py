@@ -43,7 +43,11 @@ def _snakemake(args: list[str], cwd: Path, env: dict[str, str] | None = None, ti
 
 def bench_workflow(slides_dir: str, model: str, target_mpp: float = 0.5, size: int = 224, batch_size: int = 64,
                    device: str = "auto", workers: int = 2, slides_per_job: int = 16, cores: int | None = None,
-                   results: str | None = None, compare: bool = True) -> dict[str, Any]:
+                   results: str | None = None, compare: bool = True, weights: str | None = None
+                   ) -> dict[str, Any]:
+    """``weights``: a local weights file for the model (``features.weights``), as users of pretrained
+    encoders run it (the job hashes and assigns it instead of initialising the model at random); the
+    in-process reference loads the same file."""
     import yaml
 
     from .bench import machine
@@ -54,7 +58,8 @@ def bench_workflow(slides_dir: str, model: str, target_mpp: float = 0.5, size: i
     cfg = {"slides_dir": str(Path(slides_dir).resolve()), "results_dir": str(res), "labels_csv": None,
            "grid": {"patch_size": int(size), "target_mpp": float(target_mpp)},
            "features": {"model": model, "batch_size": int(batch_size), "num_workers": int(workers),
-                        "device": device, "slides_per_job": int(slides_per_job)}}
+                        "device": device, "slides_per_job": int(slides_per_job),
+                        **({"weights": str(Path(weights).resolve())} if weights else {})}}
     cfg_path = tmp / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     cores = int(cores or os.cpu_count() or 2)
@@ -74,7 +79,8 @@ def bench_workflow(slides_dir: str, model: str, target_mpp: float = 0.5, size: i
     out: dict[str, Any] = {
         "mode": "workflow", "slides": len(slides), "patches": n, "model": model, "size": size,
         "target_mpp": target_mpp, "batch_size": batch_size, "device": device, "workers": workers,
-        "slides_per_job": slides_per_job, "feature_jobs": len(mans), "cores": cores,
+        "slides_per_job": slides_per_job, "weights": "file" if weights else "random",
+        "feature_jobs": len(mans), "cores": cores,
         "feature_stage_seconds": round(stage, 2), "snakemake_seconds": round(wall, 2),
         "patches_per_s": round(n / stage, 2), "slides_per_hour": round(len(slides) / stage * 3600, 1),
         "machine": machine()}
@@ -102,7 +108,7 @@ def _in_process(slides: list[str], cfg: dict[str, Any], layout, device: str) -> 
         g = load_grid(layout.grid(s))
         jobs.append((open_slide(paths[s]), g, layout.grid(s), out / f"{s}.zarr"))
     size = int(cfg["grid"]["patch_size"])
-    enc = create_encoder(p["model"], input_size=size)
+    enc = create_encoder(p["model"], weights=p["weights"], input_size=size)
     enc.model.to(dev)
     with torch.inference_mode():
         embed_batch(enc, torch.zeros((p["batch_size"], size, size, 3), dtype=torch.uint8), dev)

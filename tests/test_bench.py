@@ -59,11 +59,23 @@ def test_bench_workflow_and_plan(tmp_path, capsys):
     """The workflow benchmarks run the real Snakemake workflow (functional check, no timing asserted)."""
     from pipeline.synthetic import make_cohort
 
+    from safetensors.torch import save_file
+
+    from pipeline.features import create_encoder
+    from pipeline.files import sha256_file
+    from pipeline.store import read_bag
+
     make_cohort(tmp_path / "s", n=2, width=1024, height=768, mpp=0.5, seed=5)
+    wfile = tmp_path / "w.safetensors"  # as the GPU suite runs it: the model's weights from a file
+    save_file({k: v.contiguous() for k, v in create_encoder("test_resnet", seed=4).model.state_dict().items()},
+              str(wfile))
     r = _run(capsys, ["workflow", "--slides", str(tmp_path / "s"), "--model", "test_resnet", "--size", "64",
                       "--target-mpp", "2.0", "--batch-size", "8", "--device", "cpu", "--workers", "0",
-                      "--cores", "2", "--results", str(tmp_path / "w")])
+                      "--cores", "2", "--results", str(tmp_path / "w"), "--weights", str(wfile)])
     assert r["mode"] == "workflow" and r["slides"] == 2 and r["feature_jobs"] == 1 and r["patches"] > 0
+    bags = sorted((tmp_path / "w" / "results" / "features").glob("*/*.zarr"))
+    assert r["weights"] == "file" and len(bags) == 2
+    assert {read_bag(b).attrs["weights"]["sha256"] for b in bags} == {sha256_file(wfile)}
     assert r["feature_stage_seconds"] > 0 and r["ratio_vs_in_process"] > 0 and r["in_process_patches_per_s"] > 0
     p = _run(capsys, ["plan", "--n", "30", "--work", str(tmp_path / "p")])
     assert p["mode"] == "plan" and p["slides"] == 30 and p["seconds"] > 0 and p["peak_rss_mb"] > 0
