@@ -180,3 +180,18 @@ def test_cuda_pinned_shared_memory():
         del t
     assert not pool.pinned  # unregistered when the memory went
 
+
+
+def test_encoder_warm_up_only_on_cuda(monkeypatch):
+    """The job's encoder build runs one blank batch on CUDA (one-off costs paid while the readers read), never
+    on the CPU, whose cores the readers are using; on CUDA the encoder comes back in its precision there."""
+    calls = []
+    real = ex.forward
+    monkeypatch.setattr(ex, "forward", lambda enc, x, dev: calls.append((tuple(x.shape), dev.type)) or real(enc, x, dev))
+    p = ex.resolve_settings({"model": "test_resnet", "batch_size": 4})
+    enc = ex._load_encoder(p, 64, torch.device("cpu"))
+    assert calls == [] and next(enc.model.parameters()).device.type == "cpu"
+    if torch.cuda.is_available():
+        enc = ex._load_encoder(p, 64, torch.device("cuda"))
+        assert calls == [((4, 3, 64, 64), "cuda")]
+        assert dv.weights_dtype(enc.model) == "bf16"

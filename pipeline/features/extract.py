@@ -506,9 +506,18 @@ class _Background(threading.Thread):
 
 
 def _load_encoder(p: dict[str, Any], patch_size: int, device: torch.device) -> Encoder:
+    """Build the encoder and move it to ``device`` in its precision there. On CUDA, one batch of blank
+    patches then goes through it: the first batch's one-off costs (library handles, kernel selection and
+    loading) are paid here, while the readers read and the device is otherwise idle, not by the first
+    slide. Not on the CPU, where that batch would take the cores the readers are using."""
     enc = create_encoder(p["model"], weights=p["weights"], pretrained=p["pretrained"], seed=p["seed"],
                          input_size=int(patch_size))
-    enc.model.to(device)
+    prepare_encoder(enc, device)
+    if device.type == "cuda":
+        size = int(patch_size)
+        with torch.inference_mode():
+            forward(enc, torch.zeros((int(p["batch_size"]), 3, size, size), device=device), device)
+        torch.cuda.synchronize(device)
     return enc
 
 
