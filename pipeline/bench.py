@@ -710,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--results", default=None, help="work folder (default: a temporary one)")
     w.add_argument("--no-compare", action="store_true", help="skip the in-process extraction")
     w.add_argument("--weights", default=None, help="a local weights file for the model (features.weights)")
+    w.add_argument("--repeats", type=int, default=1,
+                   help="alternate the feature stage and the in-process reference this many times (medians)")
     pl = sub.add_parser("plan", help="snakemake -n on a cohort of N placeholder slides with labels")
     pl.add_argument("--n", type=int, default=10000)
     pl.add_argument("--work", default=None, help="work folder (default: a temporary one)")
@@ -727,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.mode == "workflow":
             res = bench_workflow(a.slides, a.model, a.target_mpp, a.size, a.batch_size, a.device, a.workers,
                                  a.slides_per_job, a.cores, a.results, compare=not a.no_compare,
-                                 weights=a.weights)
+                                 weights=a.weights, repeats=a.repeats)
         else:
             res = bench_plan(a.n, a.work, a.slides_per_job)
         print(json.dumps(res, default=str))

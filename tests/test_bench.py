@@ -71,8 +71,11 @@ def test_bench_workflow_and_plan(tmp_path, capsys):
               str(wfile))
     r = _run(capsys, ["workflow", "--slides", str(tmp_path / "s"), "--model", "test_resnet", "--size", "64",
                       "--target-mpp", "2.0", "--batch-size", "8", "--device", "cpu", "--workers", "0",
-                      "--cores", "2", "--results", str(tmp_path / "w"), "--weights", str(wfile)])
+                      "--cores", "2", "--results", str(tmp_path / "w"), "--weights", str(wfile),
+                      "--repeats", "2"])
     assert r["mode"] == "workflow" and r["slides"] == 2 and r["feature_jobs"] == 1 and r["patches"] > 0
+    assert r["repeats"] == 2 and len(r["ratio_each"]) == len(r["feature_stage_seconds_each"]) == 2
+    assert min(r["ratio_each"]) <= r["ratio_vs_in_process"] <= max(r["ratio_each"])
     bags = sorted((tmp_path / "w" / "results" / "features").glob("*/*.zarr"))
     assert r["weights"] == "file" and len(bags) == 2
     assert {read_bag(b).attrs["weights"]["sha256"] for b in bags} == {sha256_file(wfile)}
