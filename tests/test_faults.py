@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -81,15 +82,16 @@ def test_slide_replaced_after_its_read_ahead_is_not_finalised(tmp_path, monkeypa
     other = make_slide(tmp_path / "other.svs", width=2048, height=1536, mpp=0.5, seed=6)["path"]
     real_load, real_ahead = ex._load_encoder, ex._read_ahead
     seen = {}
+    read_started = threading.Event()
 
     def ahead(*args, **kw):
         seen["ahead"] = sorted(r := real_ahead(*args, **kw))
+        read_started.set()
         return r
 
     def load_then_replace(*args, **kw):
         enc = real_load(*args, **kw)
-        while "ahead" not in seen:
-            time.sleep(0.01)
+        seen["waited"] = read_started.wait(30)  # bounded: a build that is never overlapped fails, not hangs
         tmp = b.with_name(".incoming.svs")
         shutil.copyfile(other, tmp)
         os.replace(tmp, b)
@@ -102,7 +104,7 @@ def test_slide_replaced_after_its_read_ahead_is_not_finalised(tmp_path, monkeypa
     with open_slide(a) as sa, open_slide(b) as sb:
         ex.extract_slides([(sa, grid, gpath, tmp_path / "a.zarr"), (sb, grid, gpath, tmp_path / "b.zarr")],
                           settings, on_done=lambda out, attrs, exc: done.__setitem__(Path(out).name, exc))
-    assert seen["ahead"] == [0, 1]
+    assert seen["waited"] and seen["ahead"] == [0, 1]
     assert done["a.zarr"] is None and read_bag(tmp_path / "a.zarr").n == len(grid["coords"])
     assert isinstance(done["b.zarr"], SlideChangedError) and "changed on disk" in str(done["b.zarr"])
     assert not (tmp_path / "b.zarr").exists() and not partial_path(tmp_path / "b.zarr").exists()
